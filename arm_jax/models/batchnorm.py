@@ -1,0 +1,59 @@
+"""BatchNorm with PyTorch's conventions, reducible over a named device axis."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm over the last axis, matching `torch.nn.BatchNorm2d` number for number.
+
+    Two PyTorch conventions differ from `flax.linen.BatchNorm`: the running
+    average is `new = (1 - momentum) * old + momentum * batch` with momentum 0.1,
+    and the running variance takes the *unbiased* batch variance (n / (n - 1)).
+    With `axis_name` set (inside `jax.pmap`), the batch statistics are averaged
+    over that axis, so they cover the global batch exactly as one device would.
+    """
+
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+    axis_name: str | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+
+        if train:
+            mean, var, count = self._batch_moments(x.astype(jnp.float32))
+            if not self.is_initializing():
+                unbiased_var = var * count / jnp.maximum(count - 1, 1)
+                running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
+                running_var.value = (1 - self.momentum) * running_var.value + self.momentum * unbiased_var
+        else:
+            mean, var = running_mean.value, running_var.value
+
+        # Fold the affine transform into one multiply-add; statistics stay float32.
+        multiplier = scale * jax.lax.rsqrt(var + self.epsilon)
+        offset = bias - mean * multiplier
+        return (x.astype(jnp.float32) * multiplier + offset).astype(self.dtype)
+
+    def _batch_moments(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Mean and biased variance over all axes but the last, and the example count."""
+        axes = tuple(range(x.ndim - 1))
+        count = jnp.asarray(x.size // x.shape[-1], jnp.float32)
+        mean = x.mean(axes)
+        if self.axis_name is not None:
+            mean = jax.lax.pmean(mean, self.axis_name)
+            count = jax.lax.psum(count, self.axis_name)
+        # Two passes (mean first, then squared deviations) keep float32 accurate.
+        var = jnp.square(x - mean).mean(axes)
+        if self.axis_name is not None:
+            var = jax.lax.pmean(var, self.axis_name)
+        return mean, var, count

@@ -1,0 +1,173 @@
+"""Image transforms of the released training code, split between host and device.
+
+Host, per record (numpy + a per-record generator): the flip-or-noise augmentation and
+drawing the RandomErasing box. Device, per batch (pure jax, inside the jitted step):
+resize, gray -> RGB, ImageNet normalisation and applying the erasing box. Small FER
+images (48x48x1) then travel at native size: 224*224*3 / (48*48) = 65x fewer bytes.
+`host_preprocess` is the same math in numpy, for checks and jax-free use.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Released train transform (REFERENCE.md): with p 0.5 one of {flip, noise}, equally likely.
+BASIC_AUG_P = 0.5
+NOISE_VARIANCE = 30.0  # on 0..255 pixel values
+# torchvision RandomErasing as configured by the released code.
+ERASE_P = 0.5
+ERASE_SCALE = (0.02, 0.1)
+ERASE_RATIO = (0.3, 3.3)
+ERASE_ATTEMPTS = 10  # torchvision's fixed number of tries before giving up
+
+NO_ERASE = np.zeros(4, dtype=np.int32)  # (top, left, height, width); height 0 erases nothing
+
+
+# ---- host, per record -------------------------------------------------------------------
+
+def flip_horizontal(image: np.ndarray) -> np.ndarray:
+    """Mirror left-right (H, W, C)."""
+    return np.ascontiguousarray(image[:, ::-1])
+
+
+def add_gaussian_noise(image: np.ndarray, rng: np.random.Generator,
+                       variance: float = NOISE_VARIANCE) -> np.ndarray:
+    """Add N(0, variance) noise to 0..255 pixels, clip, round back to uint8.
+
+    The released code (SCN-style image_utils) converts with astype(uint8), which truncates
+    and darkens noised images by 0.5 grey levels on average; we round to the nearest level
+    instead (unbiased), a deliberate, documented difference.
+    """
+    noisy = image.astype(np.float32) + rng.normal(0.0, math.sqrt(variance), image.shape)
+    return np.rint(np.clip(noisy, 0.0, 255.0)).astype(np.uint8)
+
+
+def flip_or_noise(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The released code's basic augmentation: with p 0.5, a flip or noise (equally likely)."""
+    if rng.random() >= BASIC_AUG_P:
+        return image
+    if rng.integers(2) == 0:
+        return flip_horizontal(image)
+    return add_gaussian_noise(image, rng)
+
+
+def sample_erase_box(rng: np.random.Generator, image_size: int, *, p: float = ERASE_P,
+                     scale: tuple[float, float] = ERASE_SCALE,
+                     ratio: tuple[float, float] = ERASE_RATIO) -> np.ndarray:
+    """torchvision RandomErasing.get_params on an image_size square: (top, left, h, w) int32.
+
+    Same algorithm as torchvision (our generator, not torch's): apply with probability p;
+    up to 10 attempts of area ~ U(scale) * H * W and log-uniform aspect ratio, keeping the
+    first box that fits strictly inside; all zeros (no erasing) if none fits.
+    """
+    if rng.random() >= p:
+        return NO_ERASE.copy()
+    area = image_size * image_size
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(ERASE_ATTEMPTS):
+        erase_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        # Python's round (half to even), as torchvision uses it.
+        h = int(round(math.sqrt(erase_area * aspect)))
+        w = int(round(math.sqrt(erase_area / aspect)))
+        if not (h < image_size and w < image_size):
+            continue
+        top = int(rng.integers(0, image_size - h + 1))
+        left = int(rng.integers(0, image_size - w + 1))
+        return np.array([top, left, h, w], dtype=np.int32)
+    return NO_ERASE.copy()
+
+
+def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """(H, W, C) uint8 with C in {1, 3} -> `channels` channels (replicate gray, or ITU-R 601 luma)."""
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.shape[-1] == channels:
+        return image
+    if channels == 3:
+        return np.repeat(image, 3, axis=-1)
+    luma = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return np.rint(luma)[:, :, None].astype(np.uint8)
+
+
+def resize_uint8(image: np.ndarray, height: int, width: int | None = None) -> np.ndarray:
+    """Bilinear resize (H, W, C) uint8 -> (height, width or height, C) uint8 with PIL.
+
+    PIL's BILINEAR uses half-pixel centres and widens the filter when downscaling: the
+    convention of jax.image.resize(..., 'bilinear', antialias=True), to within uint8 rounding,
+    and what the released code does (torchvision Resize on a PIL image). It is also several
+    times faster than a dense numpy resize for large images.
+    """
+    width = height if width is None else width
+    if image.shape[:2] == (height, width):
+        return image
+    # One 8-bit plane at a time: PIL has no 2-channel mode and this keeps C generic.
+    channels = [Image.fromarray(np.ascontiguousarray(image[:, :, c]))
+                .resize((width, height), Image.BILINEAR) for c in range(image.shape[-1])]
+    return np.stack([np.asarray(c) for c in channels], axis=-1)
+
+
+# ---- the resize convention, in numpy -----------------------------------------------------
+
+def bilinear_weights(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) float64 weights of jax.image.resize 'bilinear' (antialias=True).
+
+    Half-pixel centres; when downscaling the triangle kernel is widened by in/out (the
+    antialias), when upscaling it is plain linear interpolation; weights that fall off the
+    image are dropped and each row renormalised (so edges clamp).
+    """
+    scale = out_size / in_size
+    kernel_scale = max(1.0 / scale, 1.0)
+    centres = (np.arange(out_size) + 0.5) / scale - 0.5
+    distance = np.abs(centres[:, None] - np.arange(in_size)[None, :]) / kernel_scale
+    weights = np.maximum(0.0, 1.0 - distance)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+# ---- per batch: numpy twin and the device version ---------------------------------------
+
+def host_preprocess(images_uint8: np.ndarray, erase_boxes: np.ndarray, *, image_size: int,
+                    dtype=np.float32) -> np.ndarray:
+    """numpy twin of `device_preprocess` (same math, float64 inside)."""
+    x = np.asarray(images_uint8, dtype=np.float64) / 255.0
+    rows = bilinear_weights(x.shape[1], image_size)
+    cols = bilinear_weights(x.shape[2], image_size)
+    x = np.einsum("oh,nhwc->nowc", rows, x)
+    x = np.einsum("pw,nowc->nopc", cols, x)
+    x = np.broadcast_to(x, x.shape[:3] + (3,))
+    x = (x - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    x = np.where(_erase_mask(np, np.asarray(erase_boxes), image_size)[..., None], 0.0, x)
+    return x.astype(dtype)
+
+
+def device_preprocess(images_uint8: jax.Array, erase_boxes: jax.Array, *, image_size: int,
+                      dtype=jnp.float32) -> jax.Array:
+    """uint8 (N, H, W, C) + (N, 4) boxes -> (N, image_size, image_size, 3) model input.
+
+    Resize (jax.image.resize 'bilinear'), gray -> 3 channels, ImageNet mean/std, then zero
+    the erasing box: the released code runs RandomErasing after Normalize, so its value 0
+    is 0 in normalised units. Resizing before normalising is the same as the reference's
+    resize-then-normalise because both are linear and resize weights sum to one.
+    """
+    x = images_uint8.astype(jnp.float32) / 255.0
+    n, _, _, c = x.shape
+    x = jax.image.resize(x, (n, image_size, image_size, c), method="bilinear")
+    x = jnp.broadcast_to(x, (n, image_size, image_size, 3))
+    x = (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+    x = jnp.where(_erase_mask(jnp, erase_boxes, image_size)[..., None], 0.0, x)
+    return x.astype(dtype)
+
+
+def _erase_mask(xp, boxes, image_size: int):
+    """(N, S, S) bool: True inside each (top, left, height, width) box."""
+    top, left, height, width = (boxes[:, i, None] for i in range(4))
+    grid = xp.arange(image_size)[None, :]
+    in_rows = (grid >= top) & (grid < top + height)
+    in_cols = (grid >= left) & (grid < left + width)
+    return in_rows[:, :, None] & in_cols[:, None, :]

@@ -1,0 +1,218 @@
+"""grain input pipeline for one epoch: sampler -> read split[i] -> augment -> batch.
+
+Batches are dicts of numpy arrays, ready for a jitted step that calls
+`transforms.device_preprocess`:
+  'image': uint8 (B, H, W, C), native or staging size, C in {1, 3}, not normalised;
+  'label': int32 (B,);
+  'erase': int32 (B, 4) RandomErasing box (top, left, height, width) in image_size
+           coordinates; all zeros = no erasing (always zeros in evaluation).
+"""
+
+from typing import Any
+
+import absl.flags
+import grain
+import jax
+import numpy as np
+
+from arm_jax.data import sampling, transforms
+from arm_jax.errors import UserError
+
+SAMPLERS = ("shuffle", "mrr")
+RESIZE_ON = ("device", "host")
+_PROBE_RECORDS = 4  # records decoded to guess whether a split has one image size
+
+
+def make_loader(split, *, batch_size: int, seed: int, epoch: int, train: bool,
+                sampler: str = "shuffle", image_size: int, worker_count: int = 0,
+                shard_index: int | None = None, shard_count: int | None = None,
+                resize_on: str = "device", staging_size: int | None = None,
+                shuffle_eval: bool = False, worker_buffer_size: int = 2) -> grain.DataLoader:
+    """A grain.DataLoader over ONE epoch of `split` (batches described in the module doc).
+
+    Args:
+      split: a LabelledSplit (random access, picklable; `labels`, `class_names`).
+      batch_size: records per batch on this shard (process).
+      seed, epoch: the order, the MRR draw and every augmentation are pure functions of
+        these; the batches do not depend on worker_count.
+      train: augment (flip/noise, erasing box) and drop the last partial batch; otherwise
+        keep it, no augmentation, index order (or shuffled with `shuffle_eval`).
+      sampler: 'shuffle' (every record once) or 'mrr' (minimal random resampling, paper
+        4.4); training only: evaluation always reads the whole split.
+      image_size: the model's input side; erasing boxes are drawn in these coordinates.
+      worker_count: grain worker processes (0: read and augment in this process).
+      shard_index, shard_count: this process's part of the epoch (default
+        jax.process_index() / jax.process_count()); shards are disjoint.
+      resize_on: 'device' ships native-size images (resized in device_preprocess);
+        'host' resizes to image_size here.
+      staging_size: host-side size for splits whose images differ in size; default: the
+        split's own size when its probed records share one (and it is at most
+        image_size), else image_size.
+      shuffle_eval: shuffle evaluation batches with (seed, epoch) (the released 'batch'
+        GAR mode computes its mean over whatever shares a test batch).
+    """
+    _check_options(batch_size=batch_size, sampler=sampler, image_size=image_size,
+                   resize_on=resize_on, worker_count=worker_count)
+    if len(split) == 0:
+        raise UserError(f"{_name(split)}: the split has no records")
+    shard_index = jax.process_index() if shard_index is None else int(shard_index)
+    shard_count = jax.process_count() if shard_count is None else int(shard_count)
+    if not 0 <= shard_index < shard_count:
+        raise UserError(f"shard_index {shard_index} must be in [0, shard_count={shard_count})")
+    if train and steps_in_epoch(split, batch_size, sampler=sampler, train=True,
+                                shard_count=shard_count) == 0:
+        raise UserError(
+            f"{_name(split)}: one {sampler} epoch has {_epoch_records(split, sampler, True)} "
+            f"records, fewer than batch_size {batch_size} x {shard_count} shard(s); "
+            "lower the batch size")
+    order = epoch_order(split, sampler=sampler, train=train, seed=seed, epoch=epoch,
+                        shuffle_eval=shuffle_eval)
+    epoch_sampler = sampling.EpochSampler(
+        order, kind=sampler if train else ("eval-shuffled" if shuffle_eval else "eval"),
+        seed=seed, epoch=epoch, batch_size=batch_size, shard_count=shard_count,
+        worker_count=worker_count, drop_remainder=train)
+    staging = _staging_shape(split, image_size, staging_size, resize_on)
+    stage = StageImage(staging)
+    operations = [DropPadding(),
+                  TrainAugment(stage, image_size) if train else EvalRecord(stage),
+                  grain.transforms.Batch(batch_size=batch_size, drop_remainder=train)]
+    if worker_count > 0:
+        # Worker processes read absl flags (grain issue 1355); nothing parses them here.
+        absl.flags.FLAGS.mark_as_parsed()
+    return grain.DataLoader(
+        data_source=_PaddedSource(split), sampler=epoch_sampler, operations=operations,
+        worker_count=worker_count, worker_buffer_size=worker_buffer_size,
+        shard_options=grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=train))
+
+
+def steps_in_epoch(split, batch_size: int, *, sampler: str = "shuffle", train: bool,
+                   shard_count: int = 1) -> int:
+    """Batches one shard yields in one epoch (eval: shard 0's count, the largest)."""
+    records = _epoch_records(split, sampler, train)
+    if train:
+        return records // shard_count // batch_size
+    return -(-(-(-records // shard_count)) // batch_size)
+
+
+def epoch_order(split, *, sampler: str, train: bool, seed: int, epoch: int,
+                shuffle_eval: bool = False) -> np.ndarray:
+    """The record indices of one epoch in order, before sharding and batching."""
+    if not train:
+        if shuffle_eval:
+            return sampling.shuffle_epoch_indices(len(split), epoch=epoch, seed=seed)
+        return np.arange(len(split))
+    if sampler == "mrr":
+        return sampling.mrr_epoch_indices(split.labels, epoch=epoch, seed=seed,
+                                          class_names=split.class_names)
+    return sampling.shuffle_epoch_indices(len(split), epoch=epoch, seed=seed)
+
+
+class StageImage:
+    """Bring a record's image to the staging (H, W, C) that every batch shares."""
+
+    def __init__(self, shape: tuple[int, int, int]):
+        self.shape = tuple(int(s) for s in shape)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        height, width, channels = self.shape
+        image = transforms.to_channels(np.asarray(image, dtype=np.uint8), channels)
+        if image.shape[:2] != (height, width):
+            image = transforms.resize_uint8(image, height, width)
+        return image
+
+
+class DropPadding(grain.transforms.Filter):
+    """Drop the sampler's padding slots (see sampling.epoch_layout) before any work."""
+
+    def filter(self, element: dict[str, Any]) -> bool:
+        return "image" in element
+
+
+class TrainAugment(grain.transforms.RandomMap):
+    """Released train transform on the host: flip-or-noise, staging, erasing box."""
+
+    def __init__(self, stage: StageImage, image_size: int):
+        self.stage, self.image_size = stage, int(image_size)
+
+    def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        # The reference flips/noises the native image, then resizes: same order here.
+        image = transforms.flip_or_noise(np.asarray(element["image"], np.uint8), rng)
+        return {"image": self.stage(image), "label": np.int32(element["label"]),
+                "erase": transforms.sample_erase_box(rng, self.image_size)}
+
+
+class EvalRecord(grain.transforms.Map):
+    """Evaluation record: staged image, label, no erasing."""
+
+    def __init__(self, stage: StageImage):
+        self.stage = stage
+
+    def map(self, element: dict[str, Any]) -> dict[str, Any]:
+        return {"image": self.stage(element["image"]), "label": np.int32(element["label"]),
+                "erase": transforms.NO_ERASE.copy()}
+
+
+class _PaddedSource:
+    """The split plus one padding record; a repr grain can compare across processes.
+
+    grain reads `source[key % len(source)]`, so the sampler's PAD (-1) lands on the extra
+    last key, which returns a marker without decoding anything.
+    """
+
+    def __init__(self, split):
+        self._split = split
+
+    def __len__(self) -> int:
+        return len(self._split) + 1
+
+    def __getitem__(self, key: int) -> dict[str, Any]:
+        if key == len(self._split):
+            return {"padding": np.bool_(True)}
+        return self._split[key]
+
+    def __repr__(self) -> str:
+        # grain refuses to restore a state whose source repr differs: the default repr
+        # carries a memory address, so name the split by its name and size instead.
+        return f"PaddedSource(name={_name(self._split)!r}, num_records={len(self._split)})"
+
+
+def _staging_shape(split, image_size: int, staging_size: int | None,
+                   resize_on: str) -> tuple[int, int, int]:
+    """(H, W, C) that all images of a batch share; see make_loader's staging_size."""
+    probe = [np.asarray(split[int(i)]["image"]) for i in
+             np.unique(np.linspace(0, len(split) - 1, _PROBE_RECORDS).astype(int))]
+    probe = [p[:, :, None] if p.ndim == 2 else p for p in probe]
+    channels = 3 if any(p.shape[-1] == 3 for p in probe) else 1
+    if resize_on == "host":
+        return image_size, image_size, channels
+    if staging_size is not None:
+        return int(staging_size), int(staging_size), channels
+    sizes = {p.shape[:2] for p in probe}
+    height, width = sizes.pop() if len(sizes) == 1 else (image_size, image_size)
+    if height * width > image_size * image_size:
+        height = width = image_size  # never ship more pixels than the model reads
+    return height, width, channels
+
+
+def _epoch_records(split, sampler: str, train: bool) -> int:
+    """Records in one epoch before sharding."""
+    if train and sampler == "mrr":
+        return sampling.mrr_epoch_size(split.labels, split.class_names)
+    return len(split)
+
+
+def _check_options(*, batch_size, sampler, image_size, resize_on, worker_count):
+    """Reject option values that would fail deep inside grain."""
+    if sampler not in SAMPLERS:
+        raise UserError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if resize_on not in RESIZE_ON:
+        raise UserError(f"resize_on must be one of {RESIZE_ON}, got {resize_on!r}")
+    for option, value in (("batch_size", batch_size), ("image_size", image_size)):
+        if int(value) <= 0:
+            raise UserError(f"{option} must be positive, got {value}")
+    if int(worker_count) < 0:
+        raise UserError(f"worker_count must be >= 0, got {worker_count}")
+
+
+def _name(split) -> str:
+    return str(getattr(split, "name", type(split).__name__))

@@ -1,0 +1,231 @@
+"""LabelledSplit, the random-access source every data set becomes, and its building blocks.
+
+A reader turns a data set's files into `Records` (labels plus either decoded pixels or
+image paths); `sources.open_split` wraps them in a `LabelledSplit`. Bad records are
+collected in a `Problems` list so the user sees all of them at once, before training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile
+
+from arm_jax.errors import DatasetError
+
+log = logging.getLogger(__name__)
+
+# A truncated JPEG must fail to decode, not come back half grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+_SHOWN_PROBLEMS = 5  # how many bad records an error message lists before "... and N more"
+
+
+@dataclasses.dataclass(frozen=True)
+class BadRecord:
+    """One record that cannot be used: where it is (file:line) and why."""
+
+    where: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.reason}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitReport:
+    """What reading a split left out: bad records skipped, protocol drops (e.g. AffectNet 8-10)."""
+
+    skipped: tuple[BadRecord, ...] = ()
+    dropped: int = 0
+    dropped_reason: str = ""
+
+
+class Problems:
+    """Collects bad records of one split; `check` raises them all, or logs and skips them."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.bad: list[BadRecord] = []
+
+    def add(self, file: str | Path, line: int | None, reason: str) -> None:
+        where = f"{file}:{line}" if line is not None else str(file)
+        self.bad.append(BadRecord(where, reason))
+
+    def check(self, *, skip_bad: bool) -> tuple[BadRecord, ...]:
+        """Raise DatasetError listing the bad records unless skip_bad; return those skipped."""
+        if not self.bad:
+            return ()
+        if not skip_bad:
+            raise DatasetError(describe_bad(self.what, self.bad)
+                               + "\nFix the files, or pass --skip-bad (skip_bad=True) to leave "
+                               "these records out.")
+        log.warning("%s: skipped %d bad record(s); first: %s", self.what, len(self.bad),
+                    self.bad[0])
+        return tuple(self.bad)
+
+
+def describe_bad(what: str, bad: list[BadRecord] | tuple[BadRecord, ...]) -> str:
+    """The first few bad records, one per line, and the total count."""
+    lines = [f"{what}: {len(bad)} bad record(s):"]
+    lines += [f"  {b}" for b in bad[:_SHOWN_PROBLEMS]]
+    if len(bad) > _SHOWN_PROBLEMS:
+        lines.append(f"  ... and {len(bad) - _SHOWN_PROBLEMS} more")
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class Records:
+    """What a reader found for one split: labels and either pixels or image paths."""
+
+    class_names: tuple[str, ...]
+    labels: np.ndarray                      # int32 (N,)
+    images: np.ndarray | None = None        # uint8 (N, H, W, C) when the labels file holds pixels
+    root: Path | None = None                # image paths are relative to this folder
+    paths: list[str] | None = None          # one per label, relative to root
+    mode: str = "RGB"                       # PIL mode images decode to: "RGB" or "L"
+    dropped: int = 0
+    dropped_reason: str = ""
+
+
+def contained_path(root: Path, relative: str) -> Path | None:
+    """root/relative resolved (symlinks followed), or None if it leaves root."""
+    if not relative or os.path.isabs(relative):
+        return None
+    resolved = Path(os.path.realpath(root / relative))
+    real_root = Path(os.path.realpath(root))
+    return resolved if resolved.is_relative_to(real_root) else None
+
+
+def _ends_cleanly(path: Path, head: bytes) -> bool:
+    """Whether a JPEG/PNG file ends with its end marker (a truncated file does not)."""
+    with open(path, "rb") as f:
+        f.seek(max(0, os.fstat(f.fileno()).st_size - 64))
+        tail = f.read().rstrip(b"\0\r\n ")
+    if head.startswith(b"\xff\xd8"):
+        return tail.endswith(b"\xff\xd9")
+    if head.startswith(b"\x89PNG"):
+        return tail.endswith(b"IEND\xaeB`\x82")
+    return True  # other formats: the header parse below is all we check cheaply
+
+
+def image_problem(path: Path) -> str | None:
+    """Why an image file is unusable (missing, empty, not an image, truncated), or None.
+
+    Cheap: reads the header and the last bytes. A file that fails the end-marker test
+    gets a full decode before it is called bad, so odd-but-valid files are kept.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+        if not head:
+            return "image file is empty"
+        with Image.open(path) as im:
+            im.size  # noqa: B018 -- the header parse is the check
+        if not _ends_cleanly(path, head):
+            decode_image(path, "RGB")
+    except FileNotFoundError:
+        return "image file is missing"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return f"image file is corrupt ({type(e).__name__}: {e})"
+    return None
+
+
+def decode_image(source: Path | bytes, mode: str, size: int | None = None) -> np.ndarray:
+    """Decode a JPEG/PNG (path or bytes) to uint8 (H, W, C); resize to size x size if given."""
+    with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as im:
+        im = im.convert(mode)
+        if size is not None and im.size != (size, size):
+            im = im.resize((size, size), Image.BILINEAR)
+        array = np.asarray(im, dtype=np.uint8)
+    return array[..., None] if array.ndim == 2 else array
+
+
+class LabelledSplit:
+    """A grain-compatible random-access split: `split[i]` -> {'image', 'label'}.
+
+    Attributes: name ("fer2013/train"), class_names (label id order), labels (int32, all of
+    them, available without decoding an image) and report (what reading left out).
+    """
+
+    def __init__(self, name: str, class_names: tuple[str, ...], labels: np.ndarray,
+                 report: SplitReport = SplitReport()):
+        self.name = name
+        self.class_names = tuple(class_names)
+        self.labels = np.asarray(labels, dtype=np.int32)
+        self.report = report
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        index = int(index)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"{self.name}: index {index} out of range (size {len(self)})")
+        index %= len(self)
+        return {"image": self.image(index), "label": self.labels[index]}
+
+    def image(self, index: int) -> np.ndarray:
+        """The uint8 (H, W, C) image of record `index` (0 <= index < len)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {len(self)} records)"
+
+
+class ArraySplit(LabelledSplit):
+    """Images held in memory as one uint8 array (FER2013's CSV pixels)."""
+
+    def __init__(self, name, class_names, labels, images: np.ndarray, report=SplitReport()):
+        super().__init__(name, class_names, labels, report)
+        self.images = images
+
+    def image(self, index: int) -> np.ndarray:
+        return self.images[index]
+
+
+class FileSplit(LabelledSplit):
+    """Images decoded from files on each access (checked cheaply when the split was opened)."""
+
+    def __init__(self, name, class_names, labels, root: Path, paths: list[str], mode: str,
+                 size: int | None = None, report=SplitReport()):
+        super().__init__(name, class_names, labels, report)
+        self.root, self.paths, self.mode, self.size = Path(root), list(paths), mode, size
+
+    def image(self, index: int) -> np.ndarray:
+        path = self.root / self.paths[index]
+        try:
+            return decode_image(path, self.mode, self.size)
+        except (OSError, SyntaxError, ValueError) as e:
+            # The open-time check is cheap, not a full decode: this is the backstop that
+            # stops training rather than feeding the model a bad image.
+            raise DatasetError(f"{path}: image cannot be decoded ({e}); run `arm-jax prepare` "
+                               "to check every image before training") from e
+
+
+def check_image_paths(root: Path, paths: list[str], wheres: list[tuple[Path, int | None]],
+                      problems: Problems, *, check_content: bool = True) -> np.ndarray:
+    """Bool mask of the paths that stay inside root and (if check_content) are sound images.
+
+    wheres[i] is the (file, line) that named paths[i], for the error message.
+    """
+    keep = np.ones(len(paths), dtype=bool)
+    for i, (relative, (file, line)) in enumerate(zip(paths, wheres)):
+        resolved = contained_path(root, relative)
+        if resolved is None:
+            problems.add(file, line, f"path {relative!r} points outside the dataset folder {root}")
+            keep[i] = False
+            continue
+        reason = image_problem(resolved) if check_content else None
+        if reason is not None:
+            # A label-file line names its image; a folder entry is the image itself.
+            problems.add(file, line, reason if line is None else f"{reason}: {root / relative}")
+            keep[i] = False
+    return keep

@@ -57,12 +57,13 @@ class DeAlbino(nn.Module):
 
     kernel_size: int
     stride: int
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         fan_in = self.kernel_size * self.kernel_size
         kernel = self.param(
-            "kernel", torch_default_uniform(fan_in), (self.kernel_size, self.kernel_size, 1, 1), jnp.float32
+            "kernel", torch_default_uniform(fan_in), (self.kernel_size, self.kernel_size, 1, 1), self.param_dtype
         )
         return per_channel_conv(x, kernel, self.stride)
 
@@ -86,23 +87,25 @@ class SharingAffinity(nn.Module):
     gar_mode: str = "batch"
     momentum: float = 0.1
     axis_name: str | None = None
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, representation: jax.Array, *, train: bool) -> jax.Array:
-        alpha = self.param("alpha", nn.initializers.ones, (1,), jnp.float32)
+        stats_dtype = jnp.promote_types(self.param_dtype, jnp.float32)
+        alpha = self.param("alpha", nn.initializers.ones, (1,), self.param_dtype)
         shape = representation.shape[1:]
-        running_gar = self.variable("gar", "mean", jnp.zeros, shape, jnp.float32)
+        running_gar = self.variable("gar", "mean", jnp.zeros, shape, stats_dtype)
         updates = self.variable("gar", "count", jnp.zeros, (), jnp.int32)
 
         if train or self.gar_mode == "batch":
-            gar = representation.astype(jnp.float32).mean(axis=0)
+            gar = representation.astype(stats_dtype).mean(axis=0)
             if self.axis_name is not None:
                 gar = jax.lax.pmean(gar, self.axis_name)
         else:
             gar = running_gar.value
 
         if train and not self.is_initializing():
-            weight = jnp.maximum(self.momentum, 1.0 / (updates.value + 1).astype(jnp.float32))
+            weight = jnp.maximum(self.momentum, 1.0 / (updates.value + 1).astype(stats_dtype))
             running_gar.value = (1 - weight) * running_gar.value + weight * gar
             updates.value = updates.value + 1
 
@@ -129,6 +132,7 @@ class ARM(nn.Module):
     gar_mode: str = "batch"
     axis_name: str | None = None
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, features: jax.Array, *, train: bool) -> jax.Array:
@@ -139,7 +143,7 @@ class ARM(nn.Module):
             kernel, stride = self.raw_kernel, 1
 
         if self.de_albino:
-            amended = DeAlbino(kernel, stride, name="de_albino")(features)
+            amended = DeAlbino(kernel, stride, self.param_dtype, name="de_albino")(features)
         elif self.arrangement:
             amended = uniform_average(features, kernel, stride)
         else:
@@ -148,12 +152,14 @@ class ARM(nn.Module):
         if amended is None:
             representation = features.mean(axis=(1, 2))
         else:
-            amended = BatchNorm(axis_name=self.axis_name, dtype=self.dtype, name="bn")(amended, train=train)
+            amended = BatchNorm(
+                axis_name=self.axis_name, dtype=self.dtype, param_dtype=self.param_dtype, name="bn"
+            )(amended, train=train)
             representation = amended.mean(axis=-1)  # the released code's channel mean
 
         if self.affinity:
-            representation = SharingAffinity(self.gar_mode, axis_name=self.axis_name, name="affinity")(
-                representation, train=train
-            )
+            representation = SharingAffinity(
+                self.gar_mode, axis_name=self.axis_name, param_dtype=self.param_dtype, name="affinity"
+            )(representation, train=train)
         # Row-major flatten, as torch's flatten of the (N, 1, h, w) map.
         return representation.reshape(representation.shape[0], -1)

@@ -21,17 +21,20 @@ class BatchNorm(nn.Module):
     epsilon: float = 1e-5
     axis_name: str | None = None
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         features = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
-        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
-        running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+        # Statistics in at least float32, also when computing in bfloat16.
+        stats_dtype = jnp.promote_types(self.param_dtype, jnp.float32)
+        scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), stats_dtype)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (features,), stats_dtype)
 
         if train:
-            mean, var, count = self._batch_moments(x.astype(jnp.float32))
+            mean, var, count = self._batch_moments(x.astype(stats_dtype))
             if not self.is_initializing():
                 unbiased_var = var * count / jnp.maximum(count - 1, 1)
                 running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
@@ -39,15 +42,15 @@ class BatchNorm(nn.Module):
         else:
             mean, var = running_mean.value, running_var.value
 
-        # Fold the affine transform into one multiply-add; statistics stay float32.
+        # Fold the affine transform into one multiply-add, in the statistics' precision.
         multiplier = scale * jax.lax.rsqrt(var + self.epsilon)
         offset = bias - mean * multiplier
-        return (x.astype(jnp.float32) * multiplier + offset).astype(self.dtype)
+        return (x.astype(stats_dtype) * multiplier + offset).astype(self.dtype)
 
     def _batch_moments(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Mean and biased variance over all axes but the last, and the example count."""
         axes = tuple(range(x.ndim - 1))
-        count = jnp.asarray(x.size // x.shape[-1], jnp.float32)
+        count = jnp.asarray(x.size // x.shape[-1], x.dtype)
         mean = x.mean(axes)
         if self.axis_name is not None:
             mean = jax.lax.pmean(mean, self.axis_name)

@@ -12,7 +12,7 @@ from arm_jax.models.arm import ARM, GAR_MODES, torch_default_uniform
 from arm_jax.models.resnet import STAGE_WIDTHS, ResNet18Backbone, backbone_output_side
 
 # Fields that describe the network itself (saved with checkpoints); the rest
-# (gar_mode, dtype, axis_name) say how to run it.
+# (gar_mode, dtype, param_dtype, axis_name) say how to run it.
 ARCHITECTURE_FIELDS = (
     "num_classes",
     "image_size",
@@ -46,6 +46,7 @@ class ARMResNet18(nn.Module):
     dropout_rate: float = 0.0
     gar_mode: str = "batch"
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
     axis_name: str | None = None
 
     def __post_init__(self):
@@ -57,7 +58,7 @@ class ARMResNet18(nn.Module):
         expected = (self.image_size, self.image_size, 3)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise UserError(f"ARMResNet18(image_size={self.image_size}) expects input (N, {expected}), got {x.shape}")
-        features = ResNet18Backbone(self.dtype, self.axis_name, name="backbone")(x, train=train)
+        features = ResNet18Backbone(self.dtype, self.param_dtype, self.axis_name, name="backbone")(x, train=train)
         representation = ARM(
             arrangement=self.arrangement,
             de_albino=self.de_albino,
@@ -68,6 +69,7 @@ class ARMResNet18(nn.Module):
             gar_mode=self.gar_mode,
             axis_name=self.axis_name,
             dtype=self.dtype,
+            param_dtype=self.param_dtype,
             name="arm",
         )(features, train=train)
         if self.dropout_rate > 0:
@@ -76,12 +78,12 @@ class ARMResNet18(nn.Module):
         logits = nn.Dense(
             self.num_classes,
             dtype=self.dtype,
-            param_dtype=jnp.float32,
+            param_dtype=self.param_dtype,
             kernel_init=torch_default_uniform(fan_in),
             bias_init=torch_default_uniform(fan_in),
             name="fc",
         )(representation)
-        return logits.astype(jnp.float32)
+        return logits.astype(jnp.promote_types(self.param_dtype, jnp.float32))
 
 
 def head_geometry(model: ARMResNet18) -> dict[str, int]:
@@ -127,8 +129,8 @@ def architecture(model: ARMResNet18) -> dict[str, Any]:
 
 
 def with_runtime(model: ARMResNet18, **changes: Any) -> ARMResNet18:
-    """The same network run differently (gar_mode, dtype, axis_name)."""
-    unknown = set(changes) - {"gar_mode", "dtype", "axis_name"}
+    """The same network run differently (gar_mode, dtype, param_dtype, axis_name)."""
+    unknown = set(changes) - {"gar_mode", "dtype", "param_dtype", "axis_name"}
     if unknown:
         raise ValueError(f"not runtime fields: {sorted(unknown)}")
     return dataclasses.replace(model, **changes)

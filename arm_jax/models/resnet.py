@@ -15,7 +15,7 @@ STAGE_WIDTHS = (64, 128, 256, 512)
 BLOCKS_PER_STAGE = 2
 
 
-def conv(features: int, kernel: int, stride: int, padding: int, dtype: Any, name: str) -> nn.Conv:
+def conv(features: int, kernel: int, stride: int, padding: int, dtype: Any, param_dtype: Any, name: str) -> nn.Conv:
     """A bias-free conv with explicit symmetric padding.
 
     XLA's 'SAME' pads a stride-2 conv (2, 3) where PyTorch pads (3, 3): the
@@ -28,7 +28,7 @@ def conv(features: int, kernel: int, stride: int, padding: int, dtype: Any, name
         padding=((padding, padding), (padding, padding)),
         use_bias=False,
         dtype=dtype,
-        param_dtype=jnp.float32,
+        param_dtype=param_dtype,
         kernel_init=conv_init,
         name=name,
     )
@@ -39,12 +39,13 @@ class Downsample(nn.Module):
 
     features: int
     dtype: Any
+    param_dtype: Any
     axis_name: str | None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        x = conv(self.features, 1, 2, 0, self.dtype, "conv")(x)
-        return BatchNorm(axis_name=self.axis_name, dtype=self.dtype, name="bn")(x, train=train)
+        x = conv(self.features, 1, 2, 0, self.dtype, self.param_dtype, "conv")(x)
+        return BatchNorm(axis_name=self.axis_name, dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x, train=train)
 
 
 class BasicBlock(nn.Module):
@@ -53,18 +54,23 @@ class BasicBlock(nn.Module):
     features: int
     stride: int
     dtype: Any
+    param_dtype: Any
     axis_name: str | None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        norm = lambda name: BatchNorm(axis_name=self.axis_name, dtype=self.dtype, name=name)
+        def norm(name):
+            return BatchNorm(axis_name=self.axis_name, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
         residual = x
-        y = conv(self.features, 3, self.stride, 1, self.dtype, "conv1")(x)
+        y = conv(self.features, 3, self.stride, 1, self.dtype, self.param_dtype, "conv1")(x)
         y = nn.relu(norm("bn1")(y, train=train))
-        y = conv(self.features, 3, 1, 1, self.dtype, "conv2")(y)
+        y = conv(self.features, 3, 1, 1, self.dtype, self.param_dtype, "conv2")(y)
         y = norm("bn2")(y, train=train)
         if self.stride != 1 or x.shape[-1] != self.features:
-            residual = Downsample(self.features, self.dtype, self.axis_name, name="downsample")(x, train=train)
+            residual = Downsample(self.features, self.dtype, self.param_dtype, self.axis_name, name="downsample")(
+                x, train=train
+            )
         return nn.relu(y + residual)
 
 
@@ -72,18 +78,19 @@ class ResNet18Backbone(nn.Module):
     """torchvision resnet18 up to (not including) `avgpool`: returns the (N, h, w, 512) map."""
 
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
     axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        x = conv(64, 7, 2, 3, self.dtype, "conv1")(x.astype(self.dtype))
-        x = BatchNorm(axis_name=self.axis_name, dtype=self.dtype, name="bn1")(x, train=train)
+        x = conv(64, 7, 2, 3, self.dtype, self.param_dtype, "conv1")(x.astype(self.dtype))
+        x = BatchNorm(axis_name=self.axis_name, dtype=self.dtype, param_dtype=self.param_dtype, name="bn1")(x, train=train)
         x = nn.relu(x)
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for stage, width in enumerate(STAGE_WIDTHS, start=1):
             for block in range(BLOCKS_PER_STAGE):
                 stride = 2 if stage > 1 and block == 0 else 1
-                x = BasicBlock(width, stride, self.dtype, self.axis_name, name=f"layer{stage}_{block}")(
+                x = BasicBlock(width, stride, self.dtype, self.param_dtype, self.axis_name, name=f"layer{stage}_{block}")(
                     x, train=train
                 )
         return x

@@ -56,17 +56,15 @@ def data_dir_of(dataset: str, data_dir: str | Path | None) -> Path:
     return Path(data_dir).expanduser()
 
 
-def read_records(dataset: str, data_dir: Path, split: str, *, skip_bad: bool,
-                 check_images: bool = True) -> tuple[Records, SplitReport]:
-    """A split's records from the raw files, bad records raised (or skipped with skip_bad)."""
+def read_records(dataset: str, data_dir: Path, split: str, problems: Problems, *,
+                 check_images: bool = True) -> Records:
+    """A split's records from the raw files; bad records go to `problems`."""
     check_names(dataset, split)
-    problems = Problems(f"{dataset}/{split} in {data_dir}")
     records = _READERS[dataset](data_dir, split, problems, check_images)
-    skipped = problems.check(skip_bad=skip_bad)
     if records.dropped:
         log.info("%s/%s: left out %d record(s): %s", dataset, split, records.dropped,
                  records.dropped_reason)
-    return records, SplitReport(skipped, records.dropped, records.dropped_reason)
+    return records
 
 
 def open_raw(dataset: str, data_dir: str | Path | None, split: str, *, skip_bad: bool = False,
@@ -75,8 +73,11 @@ def open_raw(dataset: str, data_dir: str | Path | None, split: str, *, skip_bad:
     name = f"{dataset}/{split}"
     if dataset == "synthetic":
         return synthetic.SyntheticSplit(split)
-    records, report = read_records(dataset, data_dir_of(dataset, data_dir), split,
-                                   skip_bad=skip_bad)
+    data_dir = data_dir_of(dataset, data_dir)
+    problems = Problems(f"{name} in {data_dir}")
+    records = read_records(dataset, data_dir, split, problems)
+    report = SplitReport(problems.check(skip_bad=skip_bad), records.dropped,
+                         records.dropped_reason)
     if records.images is not None:
         return ArraySplit(name, records.class_names, records.labels, records.images, report)
     return FileSplit(name, records.class_names, records.labels, records.root, records.paths,
@@ -102,9 +103,9 @@ def open_split(dataset: str, data_dir: str | Path | None, split: str, *, skip_ba
     """
     check_names(dataset, split)
     if prepared and dataset != "synthetic":
-        from arm_jax.data import tfds_builders  # tfds is slow to import; only when needed
+        from arm_jax.data import prepared as prepared_  # imports tfds: slow, so only here
 
-        split_ = tfds_builders.open_prepared(dataset, data_dir_of(dataset, data_dir), split,
+        split_ = prepared_.open_prepared(dataset, data_dir_of(dataset, data_dir), split,
                                              skip_bad=skip_bad, tfds_data_dir=tfds_data_dir,
                                              image_size_hint=image_size_hint)
         if split_ is not None:

@@ -1,0 +1,203 @@
+"""TFDS builders that turn a data set's raw files into ArrayRecord, read back without TensorFlow.
+
+Each prepared copy is tied to its source: the builder config's name carries a fingerprint
+of the label/CSV files' bytes and of every image file's name, size and mtime, so a
+corrected source file gets a new config (prepared again), never stale data.
+Representation (measured, see the README): FER2013's pixels are stored raw (uint8 48x48x1
+tensors); image-file data sets store each file's original JPEG/PNG bytes, decoded on access
+with the same decoder as the raw reader, so prepared and raw images are identical.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from arm_jax.data import sources
+from arm_jax.data.base import (SPLITS, BadRecord, LabelledSplit, Problems, SplitReport,
+                               decode_image, describe_bad)
+from arm_jax.data.readers import affectnet, fer2013, raf_db
+from arm_jax.errors import DatasetError
+
+FORMAT_VERSION = "1.0.0"  # bump when what a prepared record holds changes
+
+
+def _source_files(dataset: str, data_dir: Path) -> tuple[list[Path], list[Path]]:
+    """(files hashed by content, folders whose files are fingerprinted by name/size/mtime)."""
+    if dataset == "fer2013":
+        return [fer2013.find_csv(data_dir)], []
+    if dataset == "ferplus":
+        return [fer2013.find_csv(data_dir), data_dir / "fer2013new.csv"], []
+    if dataset == "fer2013_folder":
+        return [], [data_dir / "train", data_dir / "test"]
+    if dataset == "raf_db":
+        return [data_dir / raf_db.LABEL_FILE], [data_dir / raf_db.IMAGE_DIR]
+    if dataset in ("affectnet7", "affectnet8"):
+        if affectnet.layout_of(data_dir) == "csv":
+            lists = data_dir / affectnet.LIST_DIR
+            return [lists / "training.csv", lists / "validation.csv"], [data_dir /
+                                                                        affectnet.IMAGE_DIR]
+        return [], [data_dir / "train_set", data_dir / "val_set"]
+    return [], [data_dir]  # folder
+
+
+def fingerprint(dataset: str, data_dir: Path) -> str:
+    """A short hash of the source files a split is read from (content for label files)."""
+    digest = hashlib.sha256(f"{dataset} {FORMAT_VERSION}".encode())
+    files, folders = _source_files(dataset, data_dir)
+    for path in files:
+        digest.update(f"\0file {path.relative_to(data_dir)}\0".encode())
+        if not path.is_file():
+            continue  # the reader reports the missing file, with where to get it
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    for folder in folders:
+        for dirpath, dirnames, filenames in os.walk(folder):
+            dirnames.sort()
+            for name in sorted(filenames):
+                stat = os.stat(os.path.join(dirpath, name))
+                relative = os.path.relpath(os.path.join(dirpath, name), data_dir)
+                digest.update(f"\0{relative} {stat.st_size} {stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _verify(root: Path, paths: list[str], mode: str) -> list[str | None]:
+    """Full decode of every image (threads: PIL releases the GIL); why each failed, or None."""
+    def check(path):
+        try:
+            decode_image(root / path, mode)
+        except (OSError, SyntaxError, ValueError) as e:
+            return f"image file cannot be decoded ({e}): {root / path}"
+        return None
+
+    with concurrent.futures.ThreadPoolExecutor(max(os.cpu_count() or 1, 1)) as pool:
+        return list(pool.map(check, paths, chunksize=64))
+
+
+class _SourceBuilder(tfds.core.GeneratorBasedBuilder):
+    """Shared builder: records from arm_jax's readers, one config per source fingerprint."""
+
+    VERSION = tfds.core.Version(FORMAT_VERSION)
+    DATASETS: tuple[str, ...] = ()
+    # tfds 4.9's code_path touches importlib_resources, which it only installs on
+    # Python < 3.9; it serves to find download checksums, and nothing is downloaded here.
+    code_path = None
+
+    def __init__(self, *, dataset: str, skip_bad: bool = False, **kwargs):
+        self._dataset, self._skip_bad = dataset, skip_bad
+        super().__init__(file_format="array_record", **kwargs)
+
+    # tfds pickles a builder as its constructor's arguments; ours has two more (grain
+    # workers unpickle the data source, and with it the builder).
+    def __getstate__(self):
+        return {"_original_state": self._original_state,
+                "_arm": {"dataset": self._dataset, "skip_bad": self._skip_bad}}
+
+    def __setstate__(self, state):
+        self.__init__(**state["_arm"], **state["_original_state"])
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        if self._dataset in ("fer2013", "ferplus"):
+            image = tfds.features.Tensor(shape=(fer2013.SIDE, fer2013.SIDE, 1), dtype=np.uint8)
+        else:
+            image = tfds.features.Tensor(shape=(), dtype=np.object_)  # encoded file bytes
+        return tfds.core.DatasetInfo(
+            builder=self, description=f"arm-jax {self._dataset}",
+            features=tfds.features.FeaturesDict({"image": image, "label": np.int32}),
+            # Record i of a split is record i of the reader, so the labels array below
+            # lines up with the data source without decoding anything.
+            disable_shuffling=True, metadata=tfds.core.MetadataDict())
+
+    def _split_generators(self, dl_manager):
+        data_dir = Path(dl_manager.manual_dir)
+        everything = {}
+        bad: list[BadRecord] = []
+        for split in SPLITS:
+            problems = Problems(f"{self._dataset}/{split} in {data_dir}")
+            records = sources.read_records(self._dataset, data_dir, split, problems,
+                                           check_images=False)
+            keep = np.ones(len(records.labels), dtype=bool)
+            if records.paths is not None:
+                for i, (why, path) in enumerate(zip(_verify(records.root, records.paths,
+                                                            records.mode), records.paths)):
+                    if why is not None:
+                        problems.add(records.root / path, None, why)
+                        keep[i] = False
+                records.paths = [p for p, k in zip(records.paths, keep) if k]
+            else:
+                records.images = records.images[keep]
+            records.labels = records.labels[keep]
+            everything[split], bad = (records, problems.bad), bad + problems.bad
+        if bad and not self._skip_bad:
+            raise DatasetError(describe_bad(f"{self._dataset} in {data_dir}", bad)
+                               + "\nFix the files, or prepare with --skip-bad to leave them out.")
+        first = everything[SPLITS[0]][0]
+        self.info.metadata.update({
+            "class_names": list(first.class_names), "mode": first.mode,
+            "labels": {s: r.labels.tolist() for s, (r, _) in everything.items()},
+            "skipped": {s: [[b.where, b.reason] for b in b_] for s, (_, b_) in everything.items()},
+            "dropped": {s: [r.dropped, r.dropped_reason] for s, (r, _) in everything.items()},
+        })
+        return {split: self._generate_examples(records) for split, (records, _) in
+                everything.items()}
+
+    def _generate_examples(self, records):
+        for i, label in enumerate(records.labels):
+            if records.paths is None:
+                image = records.images[i]
+            else:
+                image = (records.root / records.paths[i]).read_bytes()
+            yield i, {"image": image, "label": int(label)}
+
+
+class ArmFer2013(_SourceBuilder):
+    """FER2013 and FER+ (raw pixels from fer2013.csv) and FER2013's folder release."""
+
+    DATASETS = ("fer2013", "ferplus", "fer2013_folder")
+    MANUAL_DOWNLOAD_INSTRUCTIONS = (f"{fer2013.HOW_TO_GET}\n{fer2013.FERPLUS_HOW_TO_GET}\n"
+                                    f"Layout:\n{fer2013.FERPLUS_LAYOUT}")
+
+
+class ArmRafDb(_SourceBuilder):
+    """RAF-DB basic emotions as ArrayRecord (original JPEG bytes)."""
+
+    DATASETS = ("raf_db",)
+    MANUAL_DOWNLOAD_INSTRUCTIONS = f"{raf_db.HOW_TO_GET}\nLayout:\n{raf_db.LAYOUT}"
+
+
+class ArmAffectnet(_SourceBuilder):
+    """AffectNet, 7 or 8 classes (the config name says which), as ArrayRecord."""
+
+    DATASETS = ("affectnet7", "affectnet8")
+    MANUAL_DOWNLOAD_INSTRUCTIONS = f"{affectnet.HOW_TO_GET}\nLayout:\n{affectnet.LAYOUT}"
+
+
+class ArmFolder(_SourceBuilder):
+    """A generic labelled image folder as ArrayRecord."""
+
+    DATASETS = ("folder",)
+    MANUAL_DOWNLOAD_INSTRUCTIONS = "A folder DIR/<split>/<class_name>/*.jpg|png."
+
+
+_BUILDERS = (ArmFer2013, ArmRafDb, ArmAffectnet, ArmFolder)
+
+
+def default_tfds_data_dir(tfds_data_dir: str | Path | None = None) -> Path:
+    """tfds_data_dir, else $TFDS_DATA_DIR, else TFDS's default ~/tensorflow_datasets."""
+    chosen = tfds_data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    return Path(chosen).expanduser()
+
+
+def make_builder(dataset: str, data_dir: Path, *, tfds_data_dir=None, skip_bad=False):
+    """The builder for dataset's current source files (config = dataset + fingerprint)."""
+    cls = next(b for b in _BUILDERS if dataset in b.DATASETS)
+    config = tfds.core.BuilderConfig(name=f"{dataset}_{fingerprint(dataset, data_dir)}",
+                                     description=f"{dataset} from {data_dir}")
+    return cls(dataset=dataset, skip_bad=skip_bad, config=config,
+               data_dir=str(default_tfds_data_dir(tfds_data_dir)))

@@ -1,0 +1,121 @@
+"""prepare: ArrayRecord copies identical to the raw reader, rebuilt when a source changes."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from arm_jax.data.base import SPLITS
+from arm_jax.data.prepared import PreparedSplit, prepare
+from arm_jax.data.sources import open_split
+from arm_jax.errors import DatasetError
+from cli.data import prepare as prepare_command
+from tests import fixtures as fx
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1)
+
+
+def assert_same(prepared, raw):
+    assert isinstance(prepared, PreparedSplit) and not isinstance(raw, PreparedSplit)
+    assert prepared.class_names == raw.class_names and prepared.name == raw.name
+    np.testing.assert_array_equal(prepared.labels, raw.labels)
+    for i in range(len(raw)):
+        a, b = prepared[i], raw[i]
+        assert a["label"] == b["label"] and a["image"].dtype == b["image"].dtype
+        np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def corrupt_middle(path: Path) -> None:
+    """Garbage inside the entropy-coded data: header and end marker intact, decode fails."""
+    data = path.read_bytes()
+    half = len(data) // 2
+    path.write_bytes(data[:half] + b"\xff\xc0" * 5 + data[half:])
+
+
+def test_fer2013_prepared_equals_raw(tmp_path, rng):
+    fx.write_fer2013_csv(tmp_path / "src" / "fer2013.csv", fx.fer2013_rows(rng, per_split=5))
+    result = prepare("fer2013", tmp_path / "src", tfds_data_dir=tmp_path / "tfds")
+    assert result.sizes == {"train": 5, "val": 5, "test": 5} and not result.reused
+    for split in SPLITS:
+        raw = open_split("fer2013", tmp_path / "src", split, prepared=False)
+        assert_same(open_split("fer2013", tmp_path / "src", split, tfds_data_dir=tmp_path / "tfds"),
+                    raw)
+    assert prepare("fer2013", tmp_path / "src", tfds_data_dir=tmp_path / "tfds").reused
+
+
+def test_raf_db_prepared_equals_raw_and_is_rebuilt_when_a_source_changes(tmp_path, rng):
+    entries = [(f"train_{i:05d}.jpg", i % 7 + 1, fx.random_image(rng, (100, 100, 3)))
+               for i in range(1, 9)] + [("test_0001.jpg", 3, fx.random_image(rng, (100, 100, 3)))]
+    src, tfds_dir = fx.write_raf_db(tmp_path / "raf", entries), tmp_path / "tfds"
+    first = prepare("raf_db", src, tfds_data_dir=tfds_dir)
+    for split in SPLITS:
+        assert_same(open_split("raf_db", src, split, tfds_data_dir=tfds_dir),
+                    open_split("raf_db", src, split, prepared=False))
+    # A corrected label: the old prepared copy must not be served.
+    label_file = src / "EmoLabel" / "list_patition_label.txt"
+    label_file.write_text(label_file.read_text().replace("train_00001.jpg 2", "train_00001.jpg 7"))
+    stale = open_split("raf_db", src, "train", tfds_data_dir=tfds_dir)
+    assert not isinstance(stale, PreparedSplit) and stale.labels[0] == 6
+    second = prepare("raf_db", src, tfds_data_dir=tfds_dir)
+    assert second.path != first.path and not second.reused
+    assert_same(open_split("raf_db", src, "train", tfds_data_dir=tfds_dir),
+                open_split("raf_db", src, "train", prepared=False))
+    # A replaced image (same name): rebuilt too.
+    image = src / "Image" / "aligned" / "train_00002_aligned.jpg"
+    fx.write_image(image, fx.random_image(rng, (100, 100, 3)))
+    os.utime(image, ns=(1, 1))
+    assert not isinstance(open_split("raf_db", src, "train", tfds_data_dir=tfds_dir), PreparedSplit)
+    assert prepare("raf_db", src, tfds_data_dir=tfds_dir).path not in (first.path, second.path)
+
+
+def test_prepare_decodes_every_image_and_honours_skip_bad(tmp_path, rng, monkeypatch):
+    img = fx.random_image(rng, (50, 50, 3))
+    src = fx.write_class_folders(tmp_path / "src", {"train": {"a": [img] * 3, "b": [img] * 2},
+                                                   "test": {"a": [img], "b": [img]}})
+    bad = src / "train" / "a" / "00001.jpg"
+    corrupt_middle(bad)
+    # The cheap open-time check passes this file; the decode on access stops with its name.
+    raw = open_split("folder", src, "train", prepared=False)
+    with pytest.raises(DatasetError, match=f"{bad}: image cannot be decoded"):
+        raw[1]
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    with pytest.raises(DatasetError, match=f"(?s)1 bad record.*{bad}: image file cannot be decoded"):
+        prepare("folder", src)
+    assert not (tmp_path / "tfds" / "arm_folder").exists() or not any(
+        (tmp_path / "tfds" / "arm_folder").rglob("dataset_info.json"))
+    result = prepare("folder", src, skip_bad=True)
+    assert result.skipped == {"train": 1, "val": 0, "test": 0} and result.sizes["train"] == 4
+    assert str(result.path).startswith(str(tmp_path / "tfds"))
+    with pytest.raises(DatasetError, match=f"{bad}.*\n.*prepared with --skip-bad"):
+        open_split("folder", src, "train")
+    split = open_split("folder", src, "train", skip_bad=True)
+    assert isinstance(split, PreparedSplit) and split.labels.tolist() == [0, 0, 1, 1]
+    assert len(split.report.skipped) == 1 and split[1]["image"].shape == (50, 50, 3)
+
+
+def test_affectnet_npy_prepared_equals_raw(tmp_path, rng):
+    rows = [(n, code, fx.random_image(rng, (30 + n, 40, 3))) for n, code in enumerate([0, 7, 9, 3])]
+    src = fx.write_affectnet_npy(tmp_path / "an", {"train_set": rows, "val_set": rows[:2]})
+    result = prepare("affectnet7", src, tfds_data_dir=tmp_path / "tfds")
+    assert result.dropped["train"] == 2 and result.sizes["train"] == 2
+    for split in ("train", "test"):
+        assert_same(open_split("affectnet7", src, split, tfds_data_dir=tmp_path / "tfds"),
+                    open_split("affectnet7", src, split, prepared=False))
+    eight = prepare("affectnet8", src, tfds_data_dir=tmp_path / "tfds")
+    assert eight.sizes["train"] == 3 and eight.path != result.path
+
+
+def test_cli_prepare(tmp_path, rng):
+    fx.write_fer2013_csv(tmp_path / "fer2013.csv", fx.fer2013_rows(rng, per_split=2))
+    runner = CliRunner()
+    out = runner.invoke(prepare_command, ["--dataset", "fer2013", "--data-dir", str(tmp_path),
+                                          "--tfds-data-dir", str(tmp_path / "tfds")])
+    assert out.exit_code == 0, out.output
+    assert "train: 2 records" in out.output
+    out = runner.invoke(prepare_command, ["--dataset", "mnist", "--data-dir", str(tmp_path)])
+    assert out.exit_code == 2 and "--dataset" in out.output and "raf_db" in out.output

@@ -112,7 +112,7 @@ def test_geometry_follows_input_size_and_rejects_impossible_sizes():
     assert head_geometry(ARMResNet18(num_classes=7, image_size=112))["representation_side"] == 5
     assert head_geometry(ARMResNet18(num_classes=7, image_size=200))["backbone_side"] == 7  # ceil(200/32)
     with pytest.raises(UserError, match="smaller than its 32x32 kernel"):
-        ARMResNet18(num_classes=7, image_size=48)
+        ARMResNet18(num_classes=7, image_size=32)
     with pytest.raises(UserError, match="gar_mode"):
         ARMResNet18(num_classes=7, gar_mode="mean")
 

@@ -1,0 +1,103 @@
+"""Pure training and evaluation steps: (state, batch, rng) -> (state, metrics)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from arm_jax.state import TrainState
+
+TrainStep = Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]
+EvalStep = Callable[[TrainState, dict], dict]
+
+
+def preprocess(batch: dict, *, image_size: int, dtype) -> jax.Array:
+    """uint8 batch images (+ random-erasing boxes) -> normalised float NHWC, on the device."""
+    from arm_jax.data.transforms import device_preprocess  # the pipeline's half of the transform
+
+    erase = batch.get("erase")
+    if erase is None:  # eval batches may come without boxes: no erasing
+        erase = jnp.zeros((batch["image"].shape[0], 4), jnp.int32)
+    return device_preprocess(batch["image"], erase, image_size=image_size, dtype=dtype)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example softmax cross-entropy in float32 (nn.CrossEntropyLoss before its mean)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def _sum_metrics(losses, logits, labels, axis_name):
+    metrics = {
+        "loss_sum": losses.sum(),
+        "correct": (logits.argmax(-1) == labels).sum().astype(jnp.int32),
+        "count": jnp.asarray(labels.shape[0], jnp.int32),
+    }
+    return jax.lax.psum(metrics, axis_name) if axis_name else metrics
+
+
+def make_train_step(model, tx: optax.GradientTransformation, *, image_size: int) -> TrainStep:
+    """The training step of `model` (built with axis_name for pmap, None otherwise).
+
+    Returns train_step(state, batch, rng) -> (new_state, metrics) with metrics the GLOBAL
+    sums loss_sum, correct, count. `rng` is the run's step key; the step folds in its step
+    number, so a resumed run draws the same dropout masks as an uninterrupted one.
+    """
+    axis_name = model.axis_name
+
+    def train_step(state: TrainState, batch: dict, rng: jax.Array):
+        rng = jax.random.fold_in(rng, state.step)
+        dropout_rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name)) if axis_name else rng
+        images = preprocess(batch, image_size=image_size, dtype=model.dtype)
+        labels = batch["label"]
+
+        def loss_fn(params):
+            variables = {"params": params, "batch_stats": state.batch_stats, "gar": state.gar}
+            logits, updates = model.apply(variables, images, train=True,
+                                          mutable=["batch_stats", "gar"], rngs={"dropout": dropout_rng})
+            losses = cross_entropy(logits, labels)
+            return losses.mean(), (losses, logits, updates)
+
+        grads, (losses, logits, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
+        if axis_name:
+            # Each device's gradient is already that of the global loss sum through the
+            # cross-device BN/GAR means; the mean over devices is the global-batch gradient.
+            grads = jax.lax.pmean(grads, axis_name)
+        param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, param_updates),
+            batch_stats=updates.get("batch_stats", state.batch_stats),
+            gar=updates.get("gar", state.gar),
+            opt_state=opt_state,
+        )
+        return new_state, _sum_metrics(losses, logits, labels, axis_name)
+
+    return train_step
+
+
+def make_eval_step(model, *, image_size: int) -> EvalStep:
+    """eval_step(state, batch) -> {'logits', 'confusion', 'loss_sum', 'correct', 'count'}.
+
+    Nothing is mutable. With gar_mode 'batch' the GAR is the mean over this batch (all
+    devices' shares of it), as in the released test script. 'confusion' is the
+    (C, C) count matrix (row = label) summed over devices, so hosts need not gather logits.
+    """
+    axis_name = model.axis_name
+
+    def eval_step(state: TrainState, batch: dict) -> dict:
+        images = preprocess(batch, image_size=image_size, dtype=model.dtype)
+        labels = batch["label"]
+        logits = model.apply(state.variables, images, train=False)
+        num_classes = logits.shape[-1]
+        confusion = jnp.einsum("nc,nd->cd", jax.nn.one_hot(labels, num_classes, dtype=jnp.int32),
+                               jax.nn.one_hot(logits.argmax(-1), num_classes, dtype=jnp.int32))
+        metrics = _sum_metrics(cross_entropy(logits, labels), logits, labels, None)
+        metrics["confusion"] = confusion
+        if axis_name:
+            metrics = jax.lax.psum(metrics, axis_name)
+        return {**metrics, "logits": logits}
+
+    return eval_step

@@ -164,10 +164,10 @@ def test_variable_size_images_are_staged_on_the_host():
     assert staged["image"].shape == (8, 10, 10, 1)
 
 
-@pytest.mark.slow
 def test_two_workers_give_the_same_batches_and_resume():
     """Worker processes: same batches as in-process; a mid-epoch state resumes exactly."""
-    split = TinySplit(n=90)
+    # 86 records, batch 4: 21 training batches, so the two workers get 11 and 10.
+    split = TinySplit(n=86)
     in_process = list(_loader(split, worker_count=0, batch_size=4))
     workers = iter(_loader(split, worker_count=2, batch_size=4))
     head = [next(workers) for _ in range(5)]
@@ -175,6 +175,10 @@ def test_two_workers_give_the_same_batches_and_resume():
     resumed = iter(_loader(split, worker_count=2, batch_size=4))
     resumed.set_state(state)
     _same(head + list(resumed), in_process)
+    # Evaluation: 22 batches, the last one of 2 records, also unchanged by workers.
+    evaluation = list(_loader(split, train=False, worker_count=2, batch_size=4))
+    _same(evaluation, list(_loader(split, train=False, batch_size=4)))
+    assert len(evaluation[-1]["label"]) == 2
 
 
 def test_default_sharding_is_the_jax_process():

@@ -44,8 +44,11 @@ def add_gaussian_noise(image: np.ndarray, rng: np.random.Generator,
     and darkens noised images by 0.5 grey levels on average; we round to the nearest level
     instead (unbiased), a deliberate, documented difference.
     """
-    noisy = image.astype(np.float32) + rng.normal(0.0, math.sqrt(variance), image.shape)
-    return np.rint(np.clip(noisy, 0.0, 255.0)).astype(np.uint8)
+    # float32 draws: about 3x faster than rng.normal's float64, the costliest host step.
+    noisy = rng.standard_normal(image.shape, dtype=np.float32)
+    noisy *= math.sqrt(variance)
+    noisy += image
+    return np.rint(np.clip(noisy, 0.0, 255.0, out=noisy), out=noisy).astype(np.uint8)
 
 
 def flip_or_noise(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -107,10 +110,14 @@ def resize_uint8(image: np.ndarray, height: int, width: int | None = None) -> np
     width = height if width is None else width
     if image.shape[:2] == (height, width):
         return image
-    # One 8-bit plane at a time: PIL has no 2-channel mode and this keeps C generic.
-    channels = [Image.fromarray(np.ascontiguousarray(image[:, :, c]))
-                .resize((width, height), Image.BILINEAR) for c in range(image.shape[-1])]
-    return np.stack([np.asarray(c) for c in channels], axis=-1)
+    if image.shape[-1] == 3:
+        resized = Image.fromarray(np.ascontiguousarray(image), "RGB").resize(
+            (width, height), Image.BILINEAR)
+        return np.asarray(resized)
+    planes = [np.asarray(Image.fromarray(np.ascontiguousarray(image[:, :, c]))
+                         .resize((width, height), Image.BILINEAR))
+              for c in range(image.shape[-1])]
+    return np.stack(planes, axis=-1)
 
 
 # ---- the resize convention, in numpy -----------------------------------------------------

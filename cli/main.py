@@ -1,8 +1,27 @@
 """The `arm-jax` command line: one sub-command per library entry point."""
 
+import sys
+
 import click
 
+from arm_jax.errors import UserError
+from cli.convert import convert
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class ArmJaxGroup(click.Group):
+    """Reports a UserError as a one-line message (exit code 2) instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as error:
+            click.echo(f"Error: {error}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=ArmJaxGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """ARM (Amend Representation Module) for facial expression recognition, in JAX."""
+
+
+cli.add_command(convert)

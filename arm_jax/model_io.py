@@ -1,0 +1,116 @@
+"""Saving and loading a model on its own (weights + architecture), as `arm-jax convert` writes it.
+
+A model directory holds `model.json` (the architecture fields and class names)
+and `variables/`, an orbax checkpoint of params, batch_stats and the running
+GAR. Training checkpoints (arm_jax.checkpoint) hold the same information.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from arm_jax.convert import convert_for_model, expected_shapes, infer_model_kwargs, load_state_dict
+from arm_jax.errors import UserError
+from arm_jax.models import ARCHITECTURE_FIELDS, ARMResNet18, architecture
+
+MODEL_FILE = "model.json"
+VARIABLES_DIR = "variables"
+WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A network, its variables and the names of its classes."""
+
+    model: ARMResNet18
+    variables: dict[str, Any]
+    class_names: tuple[str, ...]
+
+    @property
+    def gar_calibrated(self) -> bool:
+        """Whether the running GAR was ever estimated (PyTorch checkpoints carry none)."""
+        gar = self.variables.get("gar", {})
+        counts = [int(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(gar) if "count" in str(path)]
+        return not self.model.affinity or (bool(counts) and min(counts) > 0)
+
+
+def default_class_names(num_classes: int) -> tuple[str, ...]:
+    return tuple(f"class_{i}" for i in range(num_classes))
+
+
+def save_model(directory: str | Path, variables: dict[str, Any], model: ARMResNet18,
+               class_names: tuple[str, ...] | None = None, source: str | None = None) -> Path:
+    """Write `model.json` and an orbax checkpoint of `variables` into a new directory."""
+    directory = Path(directory).absolute()
+    if directory.exists() and any(directory.iterdir()):
+        raise UserError(f"{directory}: already exists and is not empty; choose a new output directory")
+    names = tuple(class_names or default_class_names(model.num_classes))
+    if len(names) != model.num_classes:
+        raise UserError(f"{len(names)} class names given for a model of {model.num_classes} classes")
+    directory.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(directory / VARIABLES_DIR, jax.tree.map(np.asarray, variables))
+    description = {"architecture": architecture(model), "class_names": list(names), "source": source}
+    (directory / MODEL_FILE).write_text(json.dumps(description, indent=2) + "\n")
+    return directory
+
+
+def read_model_description(directory: Path) -> tuple[ARMResNet18, tuple[str, ...]]:
+    """The architecture and class names of a model directory."""
+    try:
+        description = json.loads((directory / MODEL_FILE).read_text())
+        fields = description["architecture"]
+        unknown = set(fields) - set(ARCHITECTURE_FIELDS)
+        if unknown:
+            raise UserError(f"{directory / MODEL_FILE}: unknown architecture fields {sorted(unknown)}")
+        model = ARMResNet18(**fields)
+        return model, tuple(description["class_names"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{directory / MODEL_FILE}: not a valid arm-jax model description ({error})") from None
+
+
+def load_model_directory(directory: str | Path) -> LoadedModel:
+    """Read a directory written by `save_model`."""
+    directory = Path(directory).absolute()
+    model, class_names = read_model_description(directory)
+    target = expected_shapes(model)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            variables = checkpointer.restore(directory / VARIABLES_DIR, target)
+    except Exception as error:  # orbax raises many types for missing/corrupt/mismatched files
+        raise UserError(f"{directory / VARIABLES_DIR}: cannot restore the model's variables ({error})") from None
+    return LoadedModel(model, variables, class_names)
+
+
+def load_pytorch_model(path: str | Path, class_names: tuple[str, ...] | None = None, **model_kwargs: Any) -> LoadedModel:
+    """Convert a PyTorch file on the fly (torchvision resnet18 or the authors' ARM checkpoint)."""
+    state_dict = load_state_dict(path)
+    model = ARMResNet18(**infer_model_kwargs(state_dict, **model_kwargs))
+    variables = convert_for_model(state_dict, model)
+    names = tuple(class_names) if class_names else default_class_names(model.num_classes)
+    if len(names) != model.num_classes:
+        raise UserError(f"{path}: the model has {model.num_classes} classes but {len(names)} class names were given")
+    return LoadedModel(model, variables, names)
+
+
+def load_any_model(path: str | Path, class_names: tuple[str, ...] | None = None) -> LoadedModel:
+    """A model from a PyTorch file, a model directory, or a training workdir/checkpoint (best first)."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() in WEIGHT_SUFFIXES:
+        return load_pytorch_model(path, class_names)
+    if (path / MODEL_FILE).is_file():
+        return load_model_directory(path)
+    if path.is_dir():
+        from arm_jax.checkpoint import load_model_from_checkpoint  # the training side's format
+
+        fields, names, variables = load_model_from_checkpoint(path)
+        return LoadedModel(ARMResNet18(**fields), variables, tuple(names))
+    raise UserError(
+        f"{path}: not a model: expected a .pth/.pt/.safetensors file, a directory written by "
+        "`arm-jax convert`, or a training --workdir"
+    )

@@ -1,0 +1,29 @@
+"""`arm-jax convert`: PyTorch weights -> an arm-jax model directory, or back to .safetensors."""
+
+from pathlib import Path
+
+import click
+
+from arm_jax.convert import NAMINGS
+
+
+@click.command("convert")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("destination", type=click.Path(path_type=Path))
+@click.option("--class-names", default=None, help="Comma-separated class names, in label order.")
+@click.option("--image-size", type=int, default=None, help="Input size the model is run at (default: inferred, 224).")
+@click.option("--naming", type=click.Choice(NAMINGS), default="authors", show_default=True,
+              help="Key names when exporting to .safetensors.")
+def convert(source: Path, destination: Path, class_names: str | None, image_size: int | None, naming: str) -> None:
+    """Convert SOURCE to DESTINATION.
+
+    SOURCE a .pth/.pt/.safetensors file (torchvision resnet18, or a checkpoint of
+    the authors' ARM code) -> DESTINATION an arm-jax model directory.
+    SOURCE an arm-jax model directory or training workdir -> DESTINATION a
+    .safetensors file that PyTorch code loads.
+    """
+    from arm_jax.conversion_jobs import convert_job
+
+    names = tuple(name.strip() for name in class_names.split(",")) if class_names else None
+    message = convert_job(source, destination, class_names=names, image_size=image_size, naming=naming)
+    click.echo(message)

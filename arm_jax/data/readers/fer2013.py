@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import re
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +20,11 @@ CSV_NAMES = ("fer2013.csv", "icml_face_data.csv")
 HOW_TO_GET = ("Get fer2013.csv from the Kaggle competition \"Challenges in Representation "
               "Learning: Facial Expression Recognition Challenge\" (icml_face_data.csv from the "
               "same competition works too).")
+_CHUNK = 1024  # rows per parse_pixels call
 LAYOUT = "  DATA_DIR/fer2013.csv   (columns emotion,pixels,Usage; 35,887 rows)"
 FERPLUS_HOW_TO_GET = ("FER+ needs fer2013new.csv from Microsoft's FERPlus repository on GitHub "
                       "next to fer2013.csv (" + HOW_TO_GET + ")")
 FERPLUS_LAYOUT = LAYOUT + "\n  DATA_DIR/fer2013new.csv   (FER+ votes, same row order)"
-_PIXELS = re.compile(r"[0-9 ]*")
 
 
 def find_csv(data_dir: Path) -> Path:
@@ -37,35 +35,62 @@ def find_csv(data_dir: Path) -> Path:
     return require(data_dir / CSV_NAMES[0], "fer2013", HOW_TO_GET, LAYOUT)
 
 
+def _fields(line: str) -> list[str]:
+    """A CSV line's fields; plain split unless the line has quotes (FER2013's lines do not)."""
+    return line.split(",") if '"' not in line else next(csv.reader([line]))
+
+
 def read_table(path: Path, needed: tuple[str, ...]) -> tuple[dict[str, int], list[tuple[int, list[str]]]]:
-    """A CSV's column index (names stripped: icml_face_data.csv has ' pixels') and its rows."""
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise DatasetError(f"{path}:1: file is empty, expected a header {','.join(needed)}")
-        columns = {name.strip(): i for i, name in enumerate(header)}
-        missing = [name for name in needed if name not in columns]
-        if missing:
-            raise DatasetError(f"{path}:1: header lacks column(s) {', '.join(missing)} "
-                               f"(found {', '.join(columns)})")
-        # line_num counts physical lines, so a quoted field with a newline keeps numbers right.
-        return columns, [(reader.line_num, row) for row in reader]
+    """A CSV's column index (names stripped: icml_face_data.csv has ' pixels') and its rows.
+
+    Rows are (line number, fields); a field may not span lines (none does in these files).
+    str.split instead of the csv module: 4x faster on the 300 MB fer2013.csv.
+    """
+    # latin-1 maps bytes 1:1, so decoding is a copy and no file makes it fail.
+    lines = path.read_bytes().decode("latin-1").splitlines()
+    if not lines:
+        raise DatasetError(f"{path}:1: file is empty, expected a header {','.join(needed)}")
+    columns = {name.strip(): i for i, name in enumerate(_fields(lines[0]))}
+    missing = [name for name in needed if name not in columns]
+    if missing:
+        raise DatasetError(f"{path}:1: header lacks column(s) {', '.join(missing)} "
+                           f"(found {', '.join(columns)})")
+    return columns, [(n, _fields(line)) for n, line in enumerate(lines[1:], start=2) if line]
 
 
-def parse_pixels(text: str) -> tuple[np.ndarray | None, str | None]:
-    """One row's 48x48 pixels from space-separated values, or (None, why not)."""
-    if not _PIXELS.fullmatch(text):
-        bad = next(t for t in text.split() if not t.isdigit())
-        return None, f"non-numeric pixel value {bad[:20]!r}"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        values = np.fromstring(text, dtype=np.int32, sep=" ")
-    if values.size != SIDE * SIDE:
-        return None, f"{values.size} pixel values, expected {SIDE * SIDE} (48x48)"
-    if values.max(initial=0) > 255:
-        return None, f"pixel value {values.max()} outside 0..255"
-    return values.astype(np.uint8).reshape(SIDE, SIDE, 1), None
+def parse_pixels(texts: list[str]) -> tuple[np.ndarray, list[str | None]]:
+    """Rows of space-separated pixel values -> (uint8 (N, 48, 48, 1), why each row is bad or None).
+
+    Checked vectorised over all rows (characters and value counts per row), then parsed
+    by one np.fromstring over the good rows: per-row parsing takes seconds for 35,887 rows.
+    Bad rows come back as zeros.
+    """
+    if not texts:
+        return np.zeros((0, SIDE, SIDE, 1), np.uint8), []
+    row_starts = np.cumsum([0] + [len(t) + 1 for t in texts[:-1]])
+    chars = np.frombuffer(" ".join(texts).encode("latin-1", "replace"), np.uint8)
+    digit = (chars - ord("0")) < 10                   # uint8 arithmetic wraps below "0"
+    others = np.add.reduceat(~digit & (chars != ord(" ")), row_starts)
+    starts = digit & ~np.concatenate([[False], digit[:-1]])
+    counts = np.add.reduceat(starts, row_starts)
+    reasons: list[str | None] = []
+    for text, other, count in zip(texts, others, counts):
+        if other:
+            bad = next(t for t in text.split() if not t.isdigit())
+            reasons.append(f"non-numeric pixel value {bad[:20]!r}")
+        elif count != SIDE * SIDE:
+            reasons.append(f"{count} pixel values, expected {SIDE * SIDE} (48x48)")
+        else:
+            reasons.append(None)
+    good = [i for i, r in enumerate(reasons) if r is None]
+    values = np.zeros((len(texts), SIDE * SIDE), np.int64)
+    if good:
+        values[good] = np.fromstring(" ".join(texts[i] for i in good), dtype=np.int64,
+                                     sep=" ").reshape(len(good), SIDE * SIDE)
+    for i in np.flatnonzero(values.max(axis=1) > 255):
+        reasons[i] = f"pixel value {int(values[i].max())} outside 0..255"
+        values[i] = 0
+    return values.astype(np.uint8).reshape(-1, SIDE, SIDE, 1), reasons
 
 
 def _split_rows(path, rows, columns, split, problems):
@@ -85,22 +110,25 @@ def _split_rows(path, rows, columns, split, problems):
 
 def _pixels_and_labels(path, rows, columns, indices, problems, label_of):
     """Pixels of the rows at `indices` whose label_of(row) is an int; bad rows are recorded."""
-    images, labels = [], []
+    labelled = []
     for index in indices:
-        line, row = rows[index]
         label, why = label_of(index)
-        if label is None:
-            if why:
-                problems.add(*why)
-            continue
-        pixels, why_not = parse_pixels(row[columns["pixels"]].strip())
-        if pixels is None:
-            problems.add(path, line, why_not)
-            continue
-        images.append(pixels)
-        labels.append(label)
-    images = np.stack(images) if images else np.zeros((0, SIDE, SIDE, 1), np.uint8)
-    return images, np.asarray(labels, dtype=np.int32)
+        if label is not None:
+            labelled.append((index, label))
+        elif why:
+            problems.add(*why)
+    texts = [rows[i][1][columns["pixels"]].strip() for i, _ in labelled]
+    # In chunks, to bound parse_pixels' scratch memory (a few bytes per character).
+    chunks = [parse_pixels(texts[i:i + _CHUNK]) for i in range(0, len(texts), _CHUNK)]
+    chunks = chunks or [parse_pixels([])]
+    images = np.concatenate([c[0] for c in chunks])
+    reasons = [r for c in chunks for r in c[1]]
+    for (index, _), reason in zip(labelled, reasons):
+        if reason is not None:
+            problems.add(path, rows[index][0], reason)
+    good = np.array([r is None for r in reasons], dtype=bool)
+    labels = np.asarray([label for _, label in labelled], dtype=np.int32)
+    return images[good], labels[good] if len(labels) else labels
 
 
 def read_fer2013(data_dir: Path, split: str, problems: Problems) -> Records:

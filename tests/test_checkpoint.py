@@ -1,0 +1,75 @@
+"""Checkpoints: exact round trip (arrays and optax state types), model rebuild, bad files."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from arm_jax.checkpoint import Checkpoints, load_model_from_checkpoint
+from arm_jax.config import TrainConfig
+from arm_jax.errors import UserError
+from arm_jax.models import ARMResNet18, architecture
+from arm_jax.optim import make_optimizer
+from arm_jax.state import TrainState
+
+
+@pytest.fixture(scope="module")
+def model_and_state():
+    model = ARMResNet18(num_classes=7, image_size=64)
+    x = np.zeros((1, 64, 64, 3), np.float32)
+    variables = model.init({"params": jax.random.key(0)}, x, train=False)
+    tx = make_optimizer(TrainConfig(), steps_per_epoch=5)
+    state = TrainState.create(variables, tx)
+    # Make every leaf distinctive (non-zero moments, a step count), as after training.
+    rng = np.random.default_rng(0)
+    state = jax.tree.map(lambda a: np.asarray(a + rng.normal(size=np.shape(a)).astype(a.dtype))
+                         if np.issubdtype(np.asarray(a).dtype, np.floating) else np.asarray(a) + 3,
+                         state)
+    return model, state
+
+
+def _info(model):
+    return {"architecture": architecture(model), "class_names": list("abcdefg"),
+            "dataset": "synthetic", "image_size": 64}
+
+
+def test_round_trip_is_exact_and_keeps_optax_types(tmp_path, model_and_state):
+    model, state = model_and_state
+    ckpt = Checkpoints(tmp_path, keep=2)
+    progress = {"epoch": 1, "batches_done": 2, "data_state": '{"a": 1}', "rng": [1, 2]}
+    assert ckpt.save(state, progress, _info(model))
+    assert not ckpt.save(state, progress, _info(model))  # same step: nothing new
+    ckpt.wait()
+    fresh = jax.tree.map(np.zeros_like, state)
+    restored, got_progress = Checkpoints(tmp_path).restore_latest(fresh)
+    assert got_progress == progress
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    assert isinstance(restored.opt_state[1], optax.ScaleByAdamState)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+
+    arch, names, variables = load_model_from_checkpoint(tmp_path, which="latest")
+    assert ARMResNet18(**arch) == model and names == list("abcdefg")
+    for a, b in zip(jax.tree.leaves(state.variables), jax.tree.leaves(variables)):
+        assert np.array_equal(a, np.asarray(b))
+    with pytest.raises(UserError, match="holds no checkpoint"):
+        load_model_from_checkpoint(tmp_path, which="best")
+
+
+def test_corrupt_checkpoint_is_a_user_error(tmp_path, model_and_state):
+    model, state = model_and_state
+    ckpt = Checkpoints(tmp_path)
+    ckpt.save(state, {"epoch": 0}, _info(model))
+    ckpt.wait()
+    step_dir = tmp_path / "checkpoints" / "latest" / str(int(state.step))
+    for f in (step_dir / "variables").rglob("*"):
+        if f.is_file() and f.stat().st_size > 1000:
+            f.write_bytes(b"garbage")
+    with pytest.raises(UserError, match=str(step_dir)):
+        load_model_from_checkpoint(step_dir)
+    # An incompatible target (another model's tree) is reported the same way.
+    other = jax.tree.map(np.zeros_like, state).replace(params={"x": np.zeros(3)})
+    with pytest.raises(UserError, match="cannot restore"):
+        Checkpoints(tmp_path).restore_latest(other)
+    with pytest.raises(UserError, match="no such"):
+        load_model_from_checkpoint(tmp_path / "missing")

@@ -84,7 +84,7 @@ def test_prepare_decodes_every_image_and_honours_skip_bad(tmp_path, rng, monkeyp
     with pytest.raises(DatasetError, match=f"{bad}: image cannot be decoded"):
         raw[1]
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
-    with pytest.raises(DatasetError, match=f"(?s)1 bad record.*{bad}: image file cannot be decoded"):
+    with pytest.raises(DatasetError, match=f"(?s)1 bad record.*{bad}: image file cannot be decode"):
         prepare("folder", src)
     assert not (tmp_path / "tfds" / "arm_folder").exists() or not any(
         (tmp_path / "tfds" / "arm_folder").rglob("dataset_info.json"))

@@ -94,7 +94,7 @@ def make_loader(split, *, batch_size: int, seed: int, epoch: int, train: bool,
         shard_options=grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=train))
 
 
-def steps_in_epoch(split, batch_size: int, *, sampler: str = "shuffle", train: bool,
+def steps_in_epoch(split, batch_size: int, *, sampler: str, train: bool,
                    shard_count: int = 1) -> int:
     """Batches one shard yields in one epoch.
 

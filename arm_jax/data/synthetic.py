@@ -82,15 +82,17 @@ def _draw_face(e: Expression, rng: np.random.Generator) -> tuple[Image.Image, Im
         draw.ellipse((ex - 7, eye_y - h, ex + 7, eye_y + h), fill=ink)
         # Brow: a thick line; angle > 0 lowers its inner end (towards the nose).
         by = eye_y - 11 - e.brow_lift
-        inner, outer = (ex - side * 8, by + e.brow_angle / 2), (ex + side * 9, by - e.brow_angle / 2)
+        inner = (ex - side * 8, by + e.brow_angle / 2)
+        outer = (ex + side * 9, by - e.brow_angle / 2)
         draw.line([inner, outer], fill=ink, width=4)
     draw.line([(c, eye_y + 6), (c - 3, c + 10)], fill=max(skin - 50, 0), width=2)   # nose
     mouth_y, half_mouth = c + rng.uniform(20, 26), rng.uniform(12, 17)
     x = np.linspace(-1.0, 1.0, 15)
     bow = 1.0 - x * x
     # y grows downwards: a smile puts the centre below the corners.
-    upper = mouth_y + (e.mouth_curve - e.mouth_open / 2) * bow - e.mouth_curve - e.mouth_tilt * x / 2
-    lower = mouth_y + (e.mouth_curve + e.mouth_open / 2) * bow - e.mouth_curve - e.mouth_tilt * x / 2
+    corners = mouth_y - e.mouth_curve - e.mouth_tilt * x / 2
+    upper = corners + (e.mouth_curve - e.mouth_open / 2) * bow
+    lower = corners + (e.mouth_curve + e.mouth_open / 2) * bow
     xs = c + half_mouth * x
     outline = list(zip(xs, upper)) + list(zip(xs[::-1], lower[::-1]))
     draw.polygon(outline, fill=ink)
@@ -124,7 +126,8 @@ def draw(seed: int, split: str, index: int, label: int) -> np.ndarray:
     alpha = np.asarray(mask, np.float32) / 255
     gray = alpha * np.asarray(face, np.float32) + (1 - alpha) * background
     # Lighting: a gradient across the face, contrast and brightness, a colour cast, noise.
-    gray = gray * (1 + rng.uniform(-0.4, 0.4) * (np.cos(direction + 1) * xx + np.sin(direction + 1) * yy))
+    light = np.cos(direction + 1) * xx + np.sin(direction + 1) * yy
+    gray = gray * (1 + rng.uniform(-0.4, 0.4) * light)
     gray = (gray - 128) * rng.uniform(0.6, 1.2) + 128 + rng.uniform(-30, 30)
     small = np.asarray(Image.fromarray(np.clip(gray, 0, 255).astype(np.uint8)).resize(
         (SIZE, SIZE), Image.BILINEAR), np.float32)

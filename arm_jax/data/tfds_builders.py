@@ -19,8 +19,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from arm_jax.data import sources
-from arm_jax.data.base import (SPLITS, BadRecord, LabelledSplit, Problems, SplitReport,
-                               decode_image, describe_bad)
+from arm_jax.data.base import SPLITS, BadRecord, Problems, decode_image, describe_bad
 from arm_jax.data.readers import affectnet, fer2013, raf_db
 from arm_jax.errors import DatasetError
 

@@ -40,7 +40,10 @@ def _fields(line: str) -> list[str]:
     return line.split(",") if '"' not in line else next(csv.reader([line]))
 
 
-def read_table(path: Path, needed: tuple[str, ...]) -> tuple[dict[str, int], list[tuple[int, list[str]]]]:
+Rows = list[tuple[int, list[str]]]  # (line number, fields)
+
+
+def read_table(path: Path, needed: tuple[str, ...]) -> tuple[dict[str, int], Rows]:
     """A CSV's column index (names stripped: icml_face_data.csv has ' pixels') and its rows.
 
     Rows are (line number, fields); a field may not span lines (none does in these files).

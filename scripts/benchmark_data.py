@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from arm_jax.data import pipeline, transforms
+from arm_jax.data import pipeline, sampling, transforms
 
 CLASSES = ("surprise", "fear", "disgust", "happiness", "sadness", "anger", "neutral")
 
@@ -75,26 +75,40 @@ def make_splits(records: int, folder: Path):
 
 
 def run_epoch(split, *, workers: int, resize_on: str, batch_size: int, image_size: int):
-    """(start-up seconds, images/s after the first batch, bytes per image shipped)."""
+    """Start-up s, images/s after the first batch (wall, and per CPU-s of this process),
+    and the bytes one image ships to the device."""
     start = time.perf_counter()
     loader = pipeline.make_loader(split, batch_size=batch_size, seed=0, epoch=0, train=True,
                                   image_size=image_size, worker_count=workers,
                                   shard_index=0, shard_count=1, resize_on=resize_on)
     iterator = iter(loader)
     first = next(iterator)
-    ready = time.perf_counter()
+    ready, cpu_ready = time.perf_counter(), time.process_time()
     images = sum(len(batch["label"]) for batch in iterator)
-    seconds = time.perf_counter() - ready
-    return ready - start, images / seconds, first["image"][0].nbytes
+    wall, cpu = time.perf_counter() - ready, time.process_time() - cpu_ready
+    return ready - start, images / wall, images / cpu, first["image"][0].nbytes
 
 
-def host_resize_cost(split, image_size: int, repeats: int = 200) -> float:
-    """Microseconds to stage one record at image_size on the host (PIL bilinear)."""
+def host_costs(split, image_size: int, repeats: int = 300) -> dict[str, float]:
+    """CPU microseconds per record of each host step (process time: robust to other load)."""
+    rng = np.random.default_rng(0)
     image = split[0]["image"]
-    start = time.perf_counter()
-    for _ in range(repeats):
-        transforms.resize_uint8(transforms.to_channels(image, 3), image_size)
-    return (time.perf_counter() - start) / repeats * 1e6
+    steps = {
+        "read (decode)": lambda: split[0],
+        "record rng": lambda: sampling.record_rng(0, 0, 1),
+        "flip": lambda: transforms.flip_horizontal(image),
+        "noise": lambda: transforms.add_gaussian_noise(image, rng),
+        "erase box": lambda: transforms.sample_erase_box(rng, image_size),
+        f"host resize to {image_size}x{image_size}x3": lambda: pipeline.StageImage(
+            (image_size, image_size, 3))(image),
+    }
+    costs = {}
+    for name, step in steps.items():
+        start = time.process_time()
+        for _ in range(repeats):
+            step()
+        costs[name] = (time.process_time() - start) / repeats * 1e6
+    return costs
 
 
 def main():
@@ -110,19 +124,21 @@ def main():
           f"load average {os.getloadavg()[0]:.1f} (other processes share these cores)")
     with tempfile.TemporaryDirectory() as folder:
         splits = make_splits(args.records, Path(folder))
+        print("\nCPU us per record on the host:")
         for split in splits:
-            print(f"host staging of one {split.name} record to {args.image_size}x"
-                  f"{args.image_size}x3: {host_resize_cost(split, args.image_size):.0f} us")
-        print(f"\n| input | resize_on | workers | bytes/image | start-up s | images/s total "
-              f"| images/s per worker |\n|---|---|---|---|---|---|---|")
+            costs = host_costs(split, args.image_size)
+            print(f"  {split.name}: " + ", ".join(f"{k} {v:.0f}" for k, v in costs.items()))
+        print("\n| input | resize_on | workers | bytes/image | start-up s | images/s total "
+              "| images/s per worker | images per CPU-s of the main process |\n"
+              "|---|---|---|---|---|---|---|---|")
         for split in splits:
             for resize_on in ("device", "host"):
                 for w in workers:
-                    startup, rate, nbytes = run_epoch(
+                    startup, rate, cpu_rate, nbytes = run_epoch(
                         split, workers=w, resize_on=resize_on, batch_size=args.batch_size,
                         image_size=args.image_size)
                     print(f"| {split.name} | {resize_on} | {w} | {nbytes} | {startup:.1f} "
-                          f"| {rate:.0f} | {rate / max(w, 1):.0f} |", flush=True)
+                          f"| {rate:.0f} | {rate / max(w, 1):.0f} | {cpu_rate:.0f} |", flush=True)
         print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 

@@ -55,7 +55,7 @@ def test_batch_format_and_steps():
     assert batch["erase"].dtype == np.int32 and batch["erase"].shape == (8, 4)
     evaluation = list(_loader(split, train=False))
     assert [len(b["label"]) for b in evaluation] == [8] * 7 + [4]
-    assert pipeline.steps_in_epoch(split, 8, train=False) == 8
+    assert pipeline.steps_in_epoch(split, 8, sampler="mrr", train=False) == 8
     np.testing.assert_array_equal(np.concatenate([_ids(b) for b in evaluation]), np.arange(60))
     assert all((b["erase"] == 0).all() for b in evaluation)
 
@@ -101,11 +101,12 @@ def test_shards_are_disjoint_and_equal_in_steps(train):
     union = np.concatenate(ids)
     assert len(set(union.tolist())) == union.size
     if train:
-        assert {len(s) for s in shards} == {pipeline.steps_in_epoch(split, 4, train=True,
-                                                                    shard_count=3)}
+        assert {len(s) for s in shards} == {pipeline.steps_in_epoch(
+            split, 4, sampler="shuffle", train=True, shard_count=3)}
     else:
         assert sorted(union.tolist()) == list(range(61))
-        assert len(shards[0]) == pipeline.steps_in_epoch(split, 4, train=False, shard_count=3)
+        assert len(shards[0]) == pipeline.steps_in_epoch(
+            split, 4, sampler="shuffle", train=False, shard_count=3)
 
 
 def test_eval_shuffle_follows_seed_and_epoch():
@@ -185,4 +186,4 @@ def test_default_sharding_is_the_jax_process():
     loader = pipeline.make_loader(TinySplit(), batch_size=8, seed=0, epoch=0, train=True,
                                   image_size=16)
     assert len(list(loader)) == pipeline.steps_in_epoch(
-        TinySplit(), 8, train=True, shard_count=jax.process_count())
+        TinySplit(), 8, sampler="shuffle", train=True, shard_count=jax.process_count())

@@ -63,7 +63,8 @@ def test_batch_format_and_steps():
 def test_training_augments_and_draws_erase_boxes():
     batches = list(_loader(TinySplit(n=60), batch_size=4))
     images = np.concatenate([b["image"] for b in batches])
-    flipped = (images[:, 0, -1, 0] != images[:, 1, 1, 0]) & (images[:, 0, 0, 0] == images[:, 1, 1, 0])
+    marker_moved = images[:, 0, -1, 0] != images[:, 1, 1, 0]
+    flipped = marker_moved & (images[:, 0, 0, 0] == images[:, 1, 1, 0])
     assert 0 < flipped.sum() < len(images)
     erased = np.concatenate([b["erase"] for b in batches])[:, 2] > 0
     assert 0 < erased.sum() < len(erased)

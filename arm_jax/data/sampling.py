@@ -73,7 +73,8 @@ def _checked_counts(labels: np.ndarray, class_names: Sequence[str] | None) -> np
     counts = class_counts(labels, num_classes)
     if num_classes is not None and counts.size > num_classes:
         raise UserError(
-            f"label {counts.size - 1} is out of range for {num_classes} classes {tuple(class_names)}")
+            f"label {counts.size - 1} is out of range for {num_classes} classes "
+            f"{tuple(class_names)}")
     if counts.size == 0:
         raise UserError("minimal random resampling (sampler='mrr') needs a non-empty split")
     empty = np.flatnonzero(counts == 0)

@@ -88,7 +88,7 @@ def sample_erase_box(rng: np.random.Generator, image_size: int, *, p: float = ER
 
 
 def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
-    """(H, W, C) uint8 with C in {1, 3} -> `channels` channels (replicate gray, or ITU-R 601 luma)."""
+    """(H, W, C) uint8, C in {1, 3} -> `channels` channels (gray replicated, RGB -> 601 luma)."""
     if image.ndim == 2:
         image = image[:, :, None]
     if image.shape[-1] == channels:

@@ -71,6 +71,8 @@ def _verify(root: Path, paths: list[str], mode: str) -> list[str | None]:
     def check(path):
         try:
             decode_image(root / path, mode)
+        except FileNotFoundError:
+            return f"image file is missing: {root / path}"
         except (OSError, SyntaxError, ValueError) as e:
             return f"image file cannot be decoded ({e}): {root / path}"
         return None

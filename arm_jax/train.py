@@ -1,0 +1,384 @@
+"""The training loop: epochs of pure steps, validation, logs, checkpoints, resume, signals."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from arm_jax import metrics as metrics_lib
+from arm_jax.checkpoint import Checkpoints
+from arm_jax.config import TrainConfig, check_resumable, save_config
+from arm_jax.data.base import LabelledSplit
+from arm_jax.errors import UserError
+from arm_jax.models import ARMResNet18, architecture, with_runtime
+from arm_jax.optim import lr_at_epoch, make_optimizer
+from arm_jax.parallel import make_parallel
+from arm_jax.state import TrainState
+from arm_jax.steps import make_eval_step, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+class LossIsNaN(UserError):
+    """Training diverged; the last good checkpoint is kept."""
+
+
+class Subset(LabelledSplit):
+    """`count` records of `base` drawn at random (seeded), in their original order."""
+
+    def __init__(self, base: LabelledSplit, count: int, seed: int):
+        count = min(count, len(base))
+        self.base = base
+        self.indices = np.sort(np.random.default_rng(seed).choice(len(base), count, replace=False))
+        super().__init__(f"{base.name}[{count} of {len(base)}]", base.class_names,
+                         base.labels[self.indices])
+
+    def image(self, index: int) -> np.ndarray:
+        return self.base[int(self.indices[index])]["image"]
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves and returns.
+
+    A second signal gets the default behaviour (SIGINT: KeyboardInterrupt), so an impatient
+    user can still break out of a slow save.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+
+@dataclasses.dataclass
+class Run:
+    """What the epoch loop needs besides the state: built once by `_setup`."""
+
+    config: TrainConfig
+    workdir: Path
+    par: object
+    train_split: LabelledSplit
+    val_split: LabelledSplit
+    steps_per_epoch: int
+    local_batch: int
+    data_seed: int
+    step_key: jax.Array
+    train_step: object
+    evaluate: object
+    model_info: dict
+    ckpt: Checkpoints
+    is_main: bool
+    compiled: bool = False  # the first step (compilation included) has run
+
+
+def _open_data(config: TrainConfig) -> tuple[LabelledSplit, LabelledSplit]:
+    from arm_jax.data.sources import open_split
+
+    splits = []
+    for split, limit in (("train", config.max_train_examples), (config.eval_split, config.max_eval_examples)):
+        data = open_split(config.dataset, config.data_dir, split, skip_bad=config.skip_bad,
+                          image_size_hint=config.image_size)
+        splits.append(Subset(data, limit, config.seed) if limit else data)
+    train_split, val_split = splits
+    if tuple(train_split.class_names) != tuple(val_split.class_names):
+        raise UserError(f"{train_split.name} and {val_split.name} name their classes differently")
+    return train_split, val_split
+
+
+def _keys(seed: int):
+    """Seed once: init key, data seed (an int for grain), step key."""
+    init_key, data_key, step_key = jax.random.split(jax.random.key(seed), 3)
+    data_seed = int(jax.random.randint(data_key, (), 0, np.iinfo(np.int32).max))
+    return init_key, data_seed, step_key
+
+
+def _setup(config: TrainConfig) -> tuple[Run, TrainState, dict]:
+    """Open the data, build model/optimiser/steps, and resume from the latest checkpoint."""
+    from arm_jax.convert import init_variables
+    from arm_jax.data.pipeline import steps_in_epoch
+
+    workdir = Path(config.workdir)
+    if (workdir / "config.json").exists():
+        check_resumable(config, workdir)
+    par = make_parallel(config.parallel)
+    par.check_batch_size(config.batch_size, "batch_size")
+    processes = jax.process_count()
+    if config.batch_size % processes:
+        raise UserError(f"option batch_size: {config.batch_size} does not split over {processes} hosts")
+    local_batch = config.batch_size // processes
+    train_split, val_split = _open_data(config)
+    steps_per_epoch = steps_in_epoch(train_split, local_batch, sampler=config.sampler, train=True,
+                                     shard_count=processes)
+    if steps_per_epoch == 0:
+        raise UserError(f"{train_split.name}: {len(train_split)} records make no full batch of "
+                        f"{config.batch_size}; lower --batch-size")
+
+    model = ARMResNet18(
+        num_classes=len(train_split.class_names), image_size=config.image_size,
+        arrangement=config.arrangement, de_albino=config.de_albino, affinity=config.affinity,
+        dropout_rate=config.dropout, gar_mode=config.gar_mode,
+        dtype=jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32)
+    tx = make_optimizer(config, steps_per_epoch)
+    init_key, data_seed, step_key = _keys(config.seed)
+    pretrained = None if config.pretrained.lower() == "none" else config.pretrained
+    variables = init_variables(with_runtime(model, dtype=jnp.float32), init_key, pretrained)
+    state = jax.tree.map(np.asarray, TrainState.create(variables, tx))
+    ckpt = Checkpoints(workdir, keep=config.keep_checkpoints)
+    progress = {"epoch": 0, "batches_done": 0, "data_state": None, "sums": None,
+                "best_wa": None, "best_epoch": None,
+                "step_key": np.asarray(jax.random.key_data(step_key)).tolist()}
+    restored = ckpt.restore_latest(state)
+    if restored is not None:
+        state, progress = restored
+        log.info("resuming from %s at epoch %d, batch %d (step %d)", ckpt.root / "latest",
+                 progress["epoch"] + 1, progress["batches_done"], int(state.step))
+    is_main = jax.process_index() == 0
+    if is_main:
+        save_config(config, workdir)  # after the check: records the (possibly raised) epochs
+
+    image_size = config.image_size
+    run = Run(
+        config=config, workdir=workdir, par=par, train_split=train_split, val_split=val_split,
+        steps_per_epoch=steps_per_epoch, local_batch=local_batch, data_seed=data_seed,
+        step_key=step_key,
+        train_step=par.compile_train(make_train_step(par.model(model), tx, image_size=image_size)),
+        evaluate=par.compile_eval(lambda axis: make_eval_step(
+            with_runtime(model, axis_name=axis), image_size=image_size)),
+        model_info={"architecture": architecture(model), "class_names": list(train_split.class_names),
+                    "dataset": config.dataset, "image_size": image_size, "gar_mode": config.gar_mode},
+        ckpt=ckpt, is_main=is_main)
+    return run, state, progress
+
+
+def _loader(run: Run, split, *, epoch: int, train: bool):
+    from arm_jax.data.pipeline import make_loader
+
+    c = run.config
+    if train:
+        shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+        batch_size = run.local_batch
+    else:  # every host reads the whole (small) validation split; Parallel shards it
+        shard = dict(shard_index=0, shard_count=1)
+        batch_size = c.eval_batch_size
+    # With the batch GAR the released code's predictions depend on which images share a
+    # batch; index order would put near-single-class batches together (sources are often
+    # sorted by class), so evaluation batches are shuffled, the same way every epoch.
+    return make_loader(split, batch_size=batch_size, seed=run.data_seed, epoch=epoch if train else 0,
+                       train=train, sampler=c.sampler, image_size=c.image_size,
+                       worker_count=c.worker_count, shuffle_eval=c.gar_mode == "batch", **shard)
+
+
+def validate(run: Run, state) -> dict:
+    """WA, UA, per-class accuracy and loss over the validation split."""
+    num_classes = len(run.val_split.class_names)
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    loss_sum = 0.0
+    for batch in _loader(run, run.val_split, epoch=0, train=False):
+        out = run.evaluate(state, {k: batch[k] for k in ("image", "label", "erase") if k in batch})
+        confusion += out["confusion"]
+        loss_sum += float(out["loss_sum"])
+    summary = metrics_lib.summarize(confusion, run.val_split.class_names)
+    summary["loss"] = loss_sum / max(summary["count"], 1)
+    return summary
+
+
+class _Sums:
+    """The epoch's training loss/correct/count, fed one step late (see `train_epoch`)."""
+
+    def __init__(self, saved: dict | None):
+        self.values = dict(saved or {"loss_sum": 0.0, "correct": 0, "count": 0})
+        self.pending = None
+
+    def push(self, metrics, step: int, epoch: int, batch: int, run: Run) -> None:
+        self.flush(run)
+        self.pending = (metrics, step, epoch, batch)
+
+    def flush(self, run: Run) -> None:
+        """Fetch the pending step's metrics; raise LossIsNaN if its loss is not finite."""
+        if self.pending is None:
+            return
+        metrics, step, epoch, batch = self.pending
+        self.pending = None
+        host = run.par.fetch(metrics)
+        loss = float(host["loss_sum"])
+        if not math.isfinite(loss):
+            run.ckpt.wait()
+            last = run.ckpt.latest_step()
+            kept = f"the last good checkpoint (step {last}) is kept" if last is not None else "no checkpoint was saved yet"
+            raise LossIsNaN(f"loss is {loss} at step {step} (epoch {epoch + 1}, batch {batch}); "
+                            f"stopped without saving that state; {kept} in {run.ckpt.root / 'latest'}. "
+                            "Lower --lr, or check the data.")
+        self.values["loss_sum"] += loss
+        self.values["correct"] += int(host["correct"])
+        self.values["count"] += int(host["count"])
+
+
+def train_epoch(run: Run, state, progress: dict, stop: StopRequest):
+    """One epoch (or its rest, when resuming mid-epoch). Returns (state, progress, stopped)."""
+    epoch, start = progress["epoch"], progress["batches_done"]
+    iterator = iter(_loader(run, run.train_split, epoch=epoch, train=True))
+    if start and progress["data_state"]:
+        iterator.set_state(progress["data_state"].encode())
+    sums = _Sums(progress["sums"])
+    every = run.config.checkpoint_every_steps
+    bar = tqdm(total=run.steps_per_epoch, initial=start, unit="img", unit_scale=run.config.batch_size,
+               desc=f"epoch {epoch + 1}/{run.config.epochs}", leave=False,
+               disable=run.config.quiet or not run.is_main or not sys.stderr.isatty())
+
+    def checkpoint(batches_done: int) -> None:
+        sums.flush(run)  # never save a state whose loss has not been checked
+        at = {**progress, "batches_done": batches_done, "data_state": iterator.get_state().decode(),
+              "sums": sums.values}
+        run.ckpt.save(run.par.host_state(state), at, run.model_info)
+
+    batch_index = start
+    with bar:
+        while batch_index < run.steps_per_epoch and stop.signum is None:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                break
+            t0 = time.perf_counter()
+            state, step_metrics = run.train_step(state, run.par.put_batch(batch), run.step_key)
+            batch_index += 1
+            sums.push(step_metrics, epoch * run.steps_per_epoch + batch_index, epoch, batch_index, run)
+            if not run.compiled:
+                jax.block_until_ready(state)
+                run.compiled = True
+                log.info("first step done in %.1f s (includes compilation)", time.perf_counter() - t0)
+            bar.update(1)
+            if every and batch_index % every == 0 and batch_index < run.steps_per_epoch:
+                checkpoint(batch_index)
+        sums.flush(run)
+    if stop.signum is not None and batch_index < run.steps_per_epoch:
+        checkpoint(batch_index)
+        return state, {**progress, "batches_done": batch_index, "sums": sums.values}, True
+    return state, {**progress, "batches_done": batch_index, "sums": sums.values}, False
+
+
+def _epoch_record(run: Run, epoch: int, state, sums: dict, val: dict, seconds: float) -> dict:
+    count = max(sums["count"], 1)
+    return {
+        "epoch": epoch + 1, "step": int(run.par.host_state(state.step)),
+        "train_loss": sums["loss_sum"] / count, "train_acc": sums["correct"] / count,
+        "val_wa": val["wa"], "val_ua": val["ua"], "val_loss": val["loss"],
+        "val_per_class": val["per_class"], "lr": lr_at_epoch(run.config, epoch),
+        "time_s": seconds,
+    }
+
+
+def _tensorboard(config: TrainConfig, workdir: Path):
+    if not config.tensorboard or jax.process_index() != 0:
+        return None
+    try:
+        from tensorboardX import SummaryWriter  # writes event files without TensorFlow
+    except ImportError as err:
+        raise UserError("--tensorboard needs the tensorboardX package (pip install tensorboardX); "
+                        "TensorFlow is not needed") from err
+    return SummaryWriter(logdir=str(workdir / "tensorboard"))
+
+
+def train(config: TrainConfig) -> dict:
+    """Train (or resume training) as `config` says; returns a summary dict.
+
+    The summary's 'status' is 'done', or 'interrupted' (with 'signal') after SIGINT/SIGTERM,
+    in which case a checkpoint of the exact position (mid-epoch included) has been saved
+    and re-running with the same workdir continues bit for bit.
+    """
+    if config.distributed:
+        jax.distributed.initialize()
+    started = time.perf_counter()
+    writer = _tensorboard(config, Path(config.workdir))
+    run, host_state, progress = _setup(config)
+    if progress["step_key"] != np.asarray(jax.random.key_data(run.step_key)).tolist():
+        raise UserError(f"{run.ckpt.root}: its step key differs from seed {config.seed}'s")
+    state = run.par.put_state(host_state)
+    last = {}
+    with StopRequest() as stop:
+        try:
+            while progress["epoch"] < config.epochs:
+                epoch = progress["epoch"]
+                t0 = time.perf_counter()
+                state, progress, stopped = train_epoch(run, state, progress, stop)
+                if stopped:
+                    return _interrupted(run, stop, progress, started)
+                train_seconds = time.perf_counter() - t0
+                val = validate(run, state)
+                record = _epoch_record(run, epoch, state, progress["sums"], val, train_seconds)
+                record["images_per_s"] = progress["sums"]["count"] / max(train_seconds, 1e-9)
+                best = progress["best_wa"] is None or val["wa"] > progress["best_wa"]
+                progress = {**progress, "epoch": epoch + 1, "batches_done": 0, "data_state": None,
+                            "sums": None, "val": {"wa": val["wa"], "ua": val["ua"]}}
+                if best:
+                    progress.update(best_wa=val["wa"], best_epoch=epoch + 1)
+                host = run.par.host_state(state)
+                run.ckpt.save(host, progress, run.model_info)
+                if best:
+                    run.ckpt.save(host, progress, run.model_info, kind="best")
+                _report(run, record, writer)
+                last = record
+                if stop.signum is not None:
+                    return _interrupted(run, stop, progress, started)
+        finally:
+            run.ckpt.wait()
+            if writer is not None:
+                writer.close()
+    run.ckpt.close()
+    return {"status": "done", "workdir": str(run.workdir), "epochs": progress["epoch"],
+            "step": int(run.par.host_state(state.step)), "val_wa": last.get("val_wa"),
+            "val_ua": last.get("val_ua"), "best_val_wa": progress["best_wa"],
+            "best_epoch": progress["best_epoch"], "wall_s": time.perf_counter() - started}
+
+
+def _report(run: Run, record: dict, writer) -> None:
+    if not run.is_main:
+        return
+    log.info("epoch %d/%d  train loss %.4f acc %.4f  val WA %.4f UA %.4f  lr %.3g  %.0f s (%.1f img/s)",
+             record["epoch"], run.config.epochs, record["train_loss"], record["train_acc"],
+             record["val_wa"], record["val_ua"], record["lr"], record["time_s"], record["images_per_s"])
+    with open(run.workdir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if writer is not None:
+        for key in ("train_loss", "train_acc", "val_wa", "val_ua", "val_loss", "lr", "images_per_s"):
+            writer.add_scalar(key, record[key], record["step"])
+        writer.flush()
+
+
+def _interrupted(run: Run, stop: StopRequest, progress: dict, started: float) -> dict:
+    run.ckpt.wait()
+    step = run.ckpt.latest_step()
+    log.warning("%s: saved a checkpoint at step %s (epoch %d, batch %d) in %s; run the same command "
+                "again to resume", stop.name, step, progress["epoch"] + 1, progress["batches_done"],
+                run.ckpt.root / "latest")
+    return {"status": "interrupted", "signal": stop.name, "signum": stop.signum,
+            "workdir": str(run.workdir), "step": step, "epoch": progress["epoch"],
+            "batches_done": progress["batches_done"], "wall_s": time.perf_counter() - started}

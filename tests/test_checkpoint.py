@@ -7,6 +7,7 @@ import pytest
 
 from arm_jax.checkpoint import Checkpoints, load_model_from_checkpoint
 from arm_jax.config import TrainConfig
+from arm_jax.convert import init_variables
 from arm_jax.errors import UserError
 from arm_jax.models import ARMResNet18, architecture
 from arm_jax.optim import make_optimizer
@@ -15,9 +16,8 @@ from arm_jax.state import TrainState
 
 @pytest.fixture(scope="module")
 def model_and_state():
-    model = ARMResNet18(num_classes=7, image_size=64)
-    x = np.zeros((1, 64, 64, 3), np.float32)
-    variables = model.init({"params": jax.random.key(0)}, x, train=False)
+    model = ARMResNet18(num_classes=7, image_size=96)
+    variables = init_variables(model, jax.random.key(0))
     tx = make_optimizer(TrainConfig(), steps_per_epoch=5)
     state = TrainState.create(variables, tx)
     # Make every leaf distinctive (non-zero moments, a step count), as after training.
@@ -30,7 +30,7 @@ def model_and_state():
 
 def _info(model):
     return {"architecture": architecture(model), "class_names": list("abcdefg"),
-            "dataset": "synthetic", "image_size": 64}
+            "dataset": "synthetic", "image_size": 96}
 
 
 def test_round_trip_is_exact_and_keeps_optax_types(tmp_path, model_and_state):

@@ -69,6 +69,9 @@ class TrainConfig:
     quiet: bool = False  # no progress bar (it is also off when stderr is not a terminal)
 
     def __post_init__(self) -> None:
+        for name in ("data_dir", "workdir", "pretrained"):  # accept pathlib.Path, store str
+            if isinstance(getattr(self, name), Path):
+                object.__setattr__(self, name, str(getattr(self, name)))
         _validate(self)
 
     @property

@@ -127,8 +127,8 @@ def _setup(config: TrainConfig) -> tuple[Run, TrainState, dict]:
     from arm_jax.data.pipeline import steps_in_epoch
 
     workdir = Path(config.workdir)
-    if (workdir / "config.json").exists():
-        check_resumable(config, workdir)
+    if (workdir / "config.json").exists() and any((workdir / "checkpoints" / "latest").glob("[0-9]*")):
+        check_resumable(config, workdir)  # a run to resume: it must be the same run
     par = make_parallel(config.parallel)
     par.check_batch_size(config.batch_size, "batch_size")
     processes = jax.process_count()

@@ -134,11 +134,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 # -- end to end ---------------------------------------------------------------------------
 
-# 3 epochs of the 2,100 synthetic training faces, from scratch: ~3.5 min on 2 CPU cores;
-# measured val WA 0.23 / 0.55 / 0.71 after epochs 1 / 2 / 3 (on 700 images).
-E2E = dict(dataset="synthetic", image_size=96, batch_size=32, eval_batch_size=64, epochs=3,
+# 2 epochs of the 2,100 synthetic training faces, from scratch: ~2.5 min on 2 CPU cores.
+# Measured val WA (700 images) 0.23 / 0.55 / 0.71 after epochs 1 / 2 / 3.
+E2E = dict(dataset="synthetic", image_size=96, batch_size=32, eval_batch_size=64, epochs=2,
            max_eval_examples=350, parallel="none", checkpoint_every_steps=0, quiet=True)
-E2E_MIN_ACCURACY = 0.45  # chance is 1/7
+E2E_MIN_ACCURACY = 0.4  # chance is 1/7
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def trained_workdir(tmp_path_factory):
 @pytest.mark.slow
 def test_trains_well_above_chance_on_synthetic_faces(trained_workdir):
     records = [json.loads(x) for x in (trained_workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert [r["epoch"] for r in records] == [1, 2]
     assert records[-1]["train_loss"] < records[0]["train_loss"]
     best = max(r["val_wa"] for r in records)
     assert best >= E2E_MIN_ACCURACY, records

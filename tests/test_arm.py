@@ -132,3 +132,15 @@ def test_bfloat16_computation_keeps_float32_parameters():
     half = model.apply(variables, x, train=False)
     assert half.dtype == jnp.float32
     assert np.abs(np.asarray(half) - np.asarray(full)).max() < 0.1 * np.abs(np.asarray(full)).max() + 0.05
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_matmul_path_equals_xla_conv(stride):
+    """The im2col path used for XLA:CPU's slow 2x2-map case computes the same convolution."""
+    from arm_jax.models.resnet import _conv_as_matmul
+
+    x = jax.random.normal(jax.random.key(0), (3, 2 * stride, 2 * stride, 128))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 128, 16))
+    pads = ((1, 1), (1, 1))
+    reference = jax.lax.conv_general_dilated(x, kernel, (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(_conv_as_matmul(x, kernel, stride, pads), reference, atol=1e-4, rtol=1e-5)

@@ -25,11 +25,18 @@ WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A network, its variables and the names of its classes."""
+    """A network, its variables and the names of its classes (None where the file had none)."""
 
     model: ARMResNet18
     variables: dict[str, Any]
-    class_names: tuple[str, ...]
+    class_names: tuple[str, ...] | None
+
+    def named(self, class_names: tuple[str, ...], what: str) -> "LoadedModel":
+        """This model with `class_names` where it had none; they must fit its classes."""
+        if len(class_names) != self.model.num_classes:
+            raise UserError(f"{what}: the model predicts {self.model.num_classes} classes but "
+                            f"{len(class_names)} class names are given ({', '.join(class_names)})")
+        return LoadedModel(self.model, self.variables, self.class_names or tuple(class_names))
 
     @property
     def gar_calibrated(self) -> bool:
@@ -39,28 +46,24 @@ class LoadedModel:
         return not self.model.affinity or (bool(counts) and min(counts) > 0)
 
 
-def default_class_names(num_classes: int) -> tuple[str, ...]:
-    return tuple(f"class_{i}" for i in range(num_classes))
-
-
 def save_model(directory: str | Path, variables: dict[str, Any], model: ARMResNet18,
                class_names: tuple[str, ...] | None = None, source: str | None = None) -> Path:
     """Write `model.json` and an orbax checkpoint of `variables` into a new directory."""
     directory = Path(directory).absolute()
     if directory.exists() and any(directory.iterdir()):
         raise UserError(f"{directory}: already exists and is not empty; choose a new output directory")
-    names = tuple(class_names or default_class_names(model.num_classes))
-    if len(names) != model.num_classes:
+    names = list(class_names) if class_names else None  # None: unknown, taken from the data set later
+    if names is not None and len(names) != model.num_classes:
         raise UserError(f"{len(names)} class names given for a model of {model.num_classes} classes")
     directory.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(directory / VARIABLES_DIR, jax.tree.map(np.asarray, variables))
-    description = {"architecture": architecture(model), "class_names": list(names), "source": source}
+    description = {"architecture": architecture(model), "class_names": names, "source": source}
     (directory / MODEL_FILE).write_text(json.dumps(description, indent=2) + "\n")
     return directory
 
 
-def read_model_description(directory: Path) -> tuple[ARMResNet18, tuple[str, ...]]:
+def read_model_description(directory: Path) -> tuple[ARMResNet18, tuple[str, ...] | None]:
     """The architecture and class names of a model directory."""
     try:
         description = json.loads((directory / MODEL_FILE).read_text())
@@ -69,7 +72,8 @@ def read_model_description(directory: Path) -> tuple[ARMResNet18, tuple[str, ...
         if unknown:
             raise UserError(f"{directory / MODEL_FILE}: unknown architecture fields {sorted(unknown)}")
         model = ARMResNet18(**fields)
-        return model, tuple(description["class_names"])
+        names = description["class_names"]
+        return model, (tuple(names) if names is not None else None)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise UserError(f"{directory / MODEL_FILE}: not a valid arm-jax model description ({error})") from None
 
@@ -91,11 +95,8 @@ def load_pytorch_model(path: str | Path, class_names: tuple[str, ...] | None = N
     """Convert a PyTorch file on the fly (torchvision resnet18 or the authors' ARM checkpoint)."""
     state_dict = load_state_dict(path)
     model = ARMResNet18(**infer_model_kwargs(state_dict, **model_kwargs))
-    variables = convert_for_model(state_dict, model)
-    names = tuple(class_names) if class_names else default_class_names(model.num_classes)
-    if len(names) != model.num_classes:
-        raise UserError(f"{path}: the model has {model.num_classes} classes but {len(names)} class names were given")
-    return LoadedModel(model, variables, names)
+    loaded = LoadedModel(model, convert_for_model(state_dict, model), None)
+    return loaded.named(tuple(class_names), str(path)) if class_names else loaded
 
 
 def load_any_model(path: str | Path, class_names: tuple[str, ...] | None = None) -> LoadedModel:
@@ -104,12 +105,16 @@ def load_any_model(path: str | Path, class_names: tuple[str, ...] | None = None)
     if path.is_file() and path.suffix.lower() in WEIGHT_SUFFIXES:
         return load_pytorch_model(path, class_names)
     if (path / MODEL_FILE).is_file():
-        return load_model_directory(path)
-    if path.is_dir():
+        loaded = load_model_directory(path)
+    elif path.is_dir():
         from arm_jax.checkpoint import load_model_from_checkpoint  # the training side's format
 
         fields, names, variables = load_model_from_checkpoint(path)
-        return LoadedModel(ARMResNet18(**fields), variables, tuple(names))
+        loaded = LoadedModel(ARMResNet18(**fields), variables, tuple(names))
+    else:
+        loaded = None
+    if loaded is not None:
+        return loaded.named(tuple(class_names), str(path)) if class_names else loaded
     raise UserError(
         f"{path}: not a model: expected a .pth/.pt/.safetensors file, a directory written by "
         "`arm-jax convert`, or a training --workdir"

@@ -6,6 +6,8 @@ import click
 
 from arm_jax.errors import UserError
 from cli.convert import convert
+from cli.data import prepare
+from cli.evaluate import calibrate, evaluate, predict
 
 
 class ArmJaxGroup(click.Group):
@@ -24,4 +26,5 @@ def cli() -> None:
     """ARM (Amend Representation Module) for facial expression recognition, in JAX."""
 
 
-cli.add_command(convert)
+for command in (prepare, evaluate, predict, calibrate, convert):
+    cli.add_command(command)

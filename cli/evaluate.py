@@ -1,0 +1,95 @@
+"""`arm-jax evaluate`, `arm-jax predict` and `arm-jax calibrate`."""
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from arm_jax.data.base import SPLITS
+from arm_jax.data.sources import DATASETS
+from arm_jax.models import GAR_MODES
+
+
+def write_json(text: str, destination: str) -> None:
+    """`-` is standard output; anything else a file."""
+    if destination == "-":
+        sys.stdout.write(text + "\n")
+    else:
+        Path(destination).write_text(text + "\n")
+
+
+def default_png_path(checkpoint: Path, dataset: str, split: str) -> Path:
+    folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    return folder / f"confusion-{dataset}-{split}.png"
+
+
+@click.command("evaluate")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
+              help="Training workdir, model directory (arm-jax convert), or the authors' .pth.")
+@click.option("--dataset", type=click.Choice(DATASETS), default="synthetic", show_default=True)
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Folder holding the data set as distributed.")
+@click.option("--split", type=click.Choice(SPLITS), default="test", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--gar", type=click.Choice(GAR_MODES), default="running", show_default=True,
+              help="running: batch-independent; batch: the released code's per-batch mean (shuffled batches).")
+@click.option("--shuffle/--no-shuffle", default=None, help="Shuffle test batches (default: only with --gar batch).")
+@click.option("--calibrate", is_flag=True, help="Estimate a missing running GAR from the training split first.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "json_out", default=None, help="Write the results as JSON to FILE ('-' for standard output).")
+@click.option("--png", type=click.Path(path_type=Path), default=None, help="Confusion-matrix image (default: beside the checkpoint).")
+@click.option("--skip-bad", is_flag=True, help="Skip bad records (reported) instead of stopping.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True)
+def evaluate(checkpoint, dataset, data_dir, split, batch_size, gar, shuffle, calibrate, seed, json_out, png, skip_bad, workers):
+    """WA, UA, per-class accuracy and the confusion matrix of a model on a data set split."""
+    from arm_jax.evaluate import evaluate as run_evaluation
+    from arm_jax.report import confusion_png, evaluation_table
+
+    report = run_evaluation(checkpoint, dataset, data_dir, split=split, batch_size=batch_size, gar=gar, seed=seed,
+                            shuffle=shuffle, calibrate=calibrate, skip_bad=skip_bad, worker_count=workers,
+                            progress=json_out != "-")
+    png = png or default_png_path(checkpoint, dataset, split)
+    confusion_png(report.confusion, list(report.class_names), png,
+                  title=f"{dataset}/{split}: WA {100 * report.wa:.2f}%, UA {100 * report.ua:.2f}% (GAR {gar})")
+    if json_out == "-":
+        write_json(report.to_json(), "-")
+        return
+    click.echo(evaluation_table(report))
+    click.echo(f"confusion matrix image: {png}")
+    if json_out:
+        write_json(report.to_json(), json_out)
+
+
+@click.command("predict")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--json", "json_out", default=None, help="Write the predictions as JSON to FILE ('-' for standard output).")
+def predict(checkpoint, images, batch_size, json_out):
+    """The expression in each aligned face crop (IMAGE files or folders of them)."""
+    from arm_jax.predict import predict as run_prediction
+    from arm_jax.report import prediction_table
+
+    predictions = run_prediction(checkpoint, list(images), batch_size=batch_size)
+    if json_out:
+        write_json(json.dumps([dataclasses.asdict(p) for p in predictions], indent=2), json_out)
+    if json_out != "-":
+        click.echo(prediction_table(predictions))
+
+
+@click.command("calibrate")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
+@click.option("--dataset", type=click.Choice(DATASETS), required=True)
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--output", required=True, type=click.Path(path_type=Path), help="New model directory to write.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--max-examples", type=click.IntRange(min=1), default=None, help="Use at most this many training images.")
+@click.option("--skip-bad", is_flag=True)
+def calibrate(checkpoint, dataset, data_dir, output, batch_size, max_examples, skip_bad):
+    """Estimate the running GAR from training images (for checkpoints that have none)."""
+    from arm_jax.calibrate import calibrate_job
+
+    calibrate_job(checkpoint, dataset, data_dir, output, batch_size=batch_size, max_examples=max_examples,
+                  skip_bad=skip_bad)
+    click.echo(f"wrote {output}: running GAR estimated from {dataset}/train")

@@ -8,6 +8,7 @@ from arm_jax.errors import UserError
 from cli.convert import convert
 from cli.data import prepare
 from cli.evaluate import calibrate, evaluate, predict
+from cli.train import train
 
 
 class ArmJaxGroup(click.Group):
@@ -26,5 +27,5 @@ def cli() -> None:
     """ARM (Amend Representation Module) for facial expression recognition, in JAX."""
 
 
-for command in (prepare, evaluate, predict, calibrate, convert):
+for command in (train, evaluate, predict, calibrate, prepare, convert):
     cli.add_command(command)

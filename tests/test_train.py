@@ -19,8 +19,9 @@ from arm_jax.errors import UserError
 from arm_jax.train import LossIsNaN, train
 
 REPO = Path(__file__).resolve().parents[1]
-# 96 px, not 64: at 64 the backbone's last stage is 2x2, where XLA:CPU's 3x3 conv is ~25x
-# slower than at 3x3. 96 records / 16 = 6 steps per epoch; 32 validation images = 1 batch.
+# 96 px, not 64: at 64 the ARM representation is 1x1 (one BN-normalised value, a
+# degenerate GAR); at 96 it is 3x3. 96 records / 16 = 6 steps per epoch; 32 validation
+# images = 1 batch.
 TINY = dict(dataset="synthetic", image_size=96, batch_size=16, eval_batch_size=32,
             max_train_examples=96, max_eval_examples=32, epochs=2, parallel="none",
             checkpoint_every_steps=0, quiet=True)

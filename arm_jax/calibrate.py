@@ -18,9 +18,12 @@ def calibrate_gar(loaded: LoadedModel, train_split, *, batch_size: int = 256, se
     """The model with its running GAR set to the mean representation over training images.
 
     The representation is the one Sharing Affinity averages (after De-albino,
-    BatchNorm and the channel mean), computed in evaluation mode without
-    augmentation, which is how evaluation sees it. Its mean over the training
-    set is what the training-time running GAR estimates.
+    BatchNorm and the channel mean), computed as training computes it: BatchNorm
+    with the statistics of batches of `batch_size` (use the training batch
+    size), no augmentation, nothing updated. The mean of those batch GARs is
+    what the training-time running GAR estimates. (Measured on a model trained
+    here, this lands closer to the trained running value, and evaluates better,
+    than the same mean taken with BatchNorm's running statistics.)
     """
     model = loaded.model
     if not model.affinity:
@@ -30,7 +33,9 @@ def calibrate_gar(loaded: LoadedModel, train_split, *, batch_size: int = 256, se
     def representation_sum(variables, images):
         boxes = jnp.zeros((images.shape[0], 4), jnp.int32)
         x = device_preprocess(images, boxes, image_size=model.image_size, dtype=model.dtype)
-        _, state = model.apply(variables, x, train=False, mutable=["intermediates"])
+        # Updated statistics are discarded: calibration changes only the running GAR.
+        _, state = model.apply(variables, x, train=True, mutable=["batch_stats", "gar", "intermediates"],
+                               rngs={"dropout": jax.random.key(seed)})
         return state["intermediates"]["arm"]["affinity"]["representation_sum"][0]
 
     limit = len(train_split) if max_examples is None else min(max_examples, len(train_split))

@@ -100,13 +100,13 @@ def test_calibrated_gar_is_the_mean_representation(authors_checkpoint):
     path, _ = authors_checkpoint
     loaded = load_any_model(path).named(CLASS_NAMES, "test")
     split = SyntheticSplit("train", size=64)
-    calibrated = calibrate_gar(loaded, split, batch_size=32, progress=False)
-    # Second implementation: the batch-mode GAR of one batch holding all 64 images is the same mean.
+    calibrated = calibrate_gar(loaded, split, batch_size=64, progress=False)
+    # Second implementation: the training-mode GAR of one batch holding all 64 images,
+    # which is what the running GAR accumulates during training.
     images = np.stack([split[i]["image"] for i in range(len(split))])
     x = host_preprocess(images, np.zeros((len(images), 4), np.int32), image_size=SIZE)
-    model = with_runtime(loaded.model, gar_mode="batch")
-    _, state = model.apply(loaded.variables, x, train=False, mutable=["intermediates"])
-    expected = state["intermediates"]["arm"]["affinity"]["representation_sum"][0] / len(images)
+    _, updates = loaded.model.apply(loaded.variables, x, train=True, mutable=["batch_stats", "gar"])
+    expected = updates["gar"]["arm"]["affinity"]["mean"]  # the first update takes the batch GAR as is
     np.testing.assert_allclose(calibrated.variables["gar"]["arm"]["affinity"]["mean"], expected, rtol=1e-4, atol=1e-5)
     assert calibrated.gar_calibrated and not loaded.gar_calibrated
 

@@ -63,10 +63,12 @@ def calibrate_job(checkpoint: str | Path, dataset: str, data_dir: str | Path | N
                   batch_size: int = 256, max_examples: int | None = None, seed: int = 0,
                   skip_bad: bool = False, progress: bool = True) -> LoadedModel:
     """`arm-jax calibrate`: write a model directory whose running GAR comes from `dataset`'s train split."""
-    from arm_jax.data.sources import open_split
+    from arm_jax.data.sources import decode_size_hint, open_split
 
-    train_split = open_split(dataset, data_dir, "train", skip_bad=skip_bad)
-    loaded = load_any_model(checkpoint).named(tuple(train_split.class_names), f"{checkpoint} on {dataset}/train")
+    loaded = load_any_model(checkpoint)
+    hint = decode_size_hint(dataset, loaded.model.image_size)
+    train_split = open_split(dataset, data_dir, "train", skip_bad=skip_bad, image_size_hint=hint)
+    loaded = loaded.named(tuple(train_split.class_names), f"{checkpoint} on {dataset}/train")
     calibrated = calibrate_gar(loaded, train_split, batch_size=batch_size, seed=seed,
                                max_examples=max_examples, progress=progress)
     save_model(output, calibrated.variables, calibrated.model, calibrated.class_names,

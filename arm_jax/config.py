@@ -34,7 +34,7 @@ class TrainConfig:
     data_dir: str | None = None
     eval_split: str = "val"
     skip_bad: bool = False
-    max_train_examples: int | None = None  # keep the first N examples (quick runs, tests)
+    max_train_examples: int | None = None  # train on N examples drawn with the seed (quick runs, tests)
     max_eval_examples: int | None = None
     image_size: int = 224
     sampler: str = "shuffle"
@@ -114,6 +114,9 @@ def _validate(config: TrainConfig) -> None:
     for name in positive:
         if getattr(config, name) < 1:
             raise UserError(f"option {name}: must be at least 1, got {getattr(config, name)}")
+    if config.dataset == "synthetic" and config.data_dir is not None:
+        raise UserError(f"option data_dir: {config.data_dir} given, but the dataset is 'synthetic', which "
+                        "reads no files; name the data set with --dataset")
     for name in ("max_train_examples", "max_eval_examples"):
         if getattr(config, name) is not None and getattr(config, name) < 1:
             raise UserError(f"option {name}: must be at least 1 (or unset)")

@@ -43,7 +43,7 @@ class Subset(LabelledSplit):
         self.base = base
         self.indices = np.sort(np.random.default_rng(seed).choice(len(base), count, replace=False))
         super().__init__(f"{base.name}[{count} of {len(base)}]", base.class_names,
-                         base.labels[self.indices])
+                         base.labels[self.indices], base.report)
 
     def image(self, index: int) -> np.ndarray:
         return self.base[int(self.indices[index])]["image"]
@@ -101,12 +101,12 @@ class Run:
 
 
 def _open_data(config: TrainConfig) -> tuple[LabelledSplit, LabelledSplit]:
-    from arm_jax.data.sources import open_split
+    from arm_jax.data.sources import decode_size_hint, open_split
 
     splits = []
     for split, limit in (("train", config.max_train_examples), (config.eval_split, config.max_eval_examples)):
         data = open_split(config.dataset, config.data_dir, split, skip_bad=config.skip_bad,
-                          image_size_hint=config.image_size)
+                          image_size_hint=decode_size_hint(config.dataset, config.image_size))
         splits.append(Subset(data, limit, config.seed) if limit else data)
     train_split, val_split = splits
     if tuple(train_split.class_names) != tuple(val_split.class_names):
@@ -129,6 +129,9 @@ def _setup(config: TrainConfig) -> tuple[Run, TrainState, dict]:
     workdir = Path(config.workdir)
     if (workdir / "config.json").exists() and any((workdir / "checkpoints" / "latest").glob("[0-9]*")):
         check_resumable(config, workdir)  # a run to resume: it must be the same run
+    if config.pretrained == "none":
+        log.warning("the backbone starts from random weights (--pretrained none); the paper's numbers "
+                    "need the ImageNet resnet18 weights: --pretrained resnet18-f37072fd.pth")
     par = make_parallel(config.parallel)
     par.check_batch_size(config.batch_size, "batch_size")
     processes = jax.process_count()
@@ -247,7 +250,11 @@ def train_epoch(run: Run, state, progress: dict, stop: StopRequest):
     epoch, start = progress["epoch"], progress["batches_done"]
     iterator = iter(_loader(run, run.train_split, epoch=epoch, train=True))
     if start and progress["data_state"]:
-        iterator.set_state(progress["data_state"].encode())
+        try:
+            iterator.set_state(progress["data_state"].encode())
+        except ValueError as error:  # grain restores only with the worker count it saved with
+            raise UserError(f"{run.config.workdir}: cannot resume mid-epoch {epoch + 1} with these data "
+                            f"options ({error}); resume with the --workers of the interrupted run") from None
     sums = _Sums(progress["sums"])
     every = run.config.checkpoint_every_steps
     bar = tqdm(total=run.steps_per_epoch, initial=start, unit="img", unit_scale=run.config.batch_size,

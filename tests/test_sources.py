@@ -239,3 +239,11 @@ def test_unknown_names_are_user_errors(tmp_path):
         raw("fer2013", tmp_path, "dev")
     with pytest.raises(UserError, match="--data-dir"):
         raw("raf_db", None, "train")
+
+
+def test_only_variable_size_data_sets_are_decoded_to_the_model_size():
+    """FER (48 px) and RAF-DB (100 px) travel at native size, so flip/noise happen there."""
+    from arm_jax.data.sources import decode_size_hint
+
+    assert decode_size_hint("raf_db", 224) is None and decode_size_hint("fer2013_folder", 224) is None
+    assert decode_size_hint("affectnet7", 224) == 224 and decode_size_hint("folder", 112) == 112

@@ -71,6 +71,8 @@ def test_config_rejects_unknown_and_bad_options(tmp_path):
     with pytest.raises(UserError, match="epochs"):
         TrainConfig().replace(epochs="3")
     assert TrainConfig(sampler="mrr").lr_gamma == 0.78 and TrainConfig().lr_gamma == 0.9
+    with pytest.raises(UserError, match="data_dir.*synthetic"):  # --data-dir without --dataset
+        TrainConfig(data_dir=str(tmp_path))
 
 
 def test_tensorboard_without_tensorboardx_is_a_clear_error(tmp_path):

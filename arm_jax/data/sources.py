@@ -84,6 +84,17 @@ def open_raw(dataset: str, data_dir: str | Path | None, split: str, *, skip_bad:
                      records.mode, image_size_hint, report)
 
 
+# Data sets whose images come in many sizes: decoded straight to the model's input size.
+# The others travel at their native size (FER 48 px, RAF-DB 100 px), so flip/noise happen
+# there, as in the released code, and resizing runs on the device.
+VARIABLE_SIZE_DATASETS = ("affectnet7", "affectnet8", "folder")
+
+
+def decode_size_hint(dataset: str, image_size: int) -> int | None:
+    """The `image_size_hint` to open `dataset` with for a model of `image_size`."""
+    return image_size if dataset in VARIABLE_SIZE_DATASETS else None
+
+
 def open_split(dataset: str, data_dir: str | Path | None, split: str, *, skip_bad: bool = False,
                prepared: bool = True, image_size_hint: int | None = None,
                tfds_data_dir: str | Path | None = None) -> LabelledSplit:

@@ -9,8 +9,8 @@ from flax import traverse_util
 from tqdm import tqdm
 
 from arm_jax.data.pipeline import make_loader
-from arm_jax.data.transforms import device_preprocess
-from arm_jax.model_io import LoadedModel, load_any_model, save_model
+from arm_jax.model_io import LoadedModel, save_model
+from arm_jax.steps import preprocess
 
 
 def calibrate_gar(loaded: LoadedModel, train_split, *, batch_size: int = 256, seed: int = 0,
@@ -31,8 +31,7 @@ def calibrate_gar(loaded: LoadedModel, train_split, *, batch_size: int = 256, se
 
     @jax.jit
     def representation_sum(variables, images):
-        boxes = jnp.zeros((images.shape[0], 4), jnp.int32)
-        x = device_preprocess(images, boxes, image_size=model.image_size, dtype=model.dtype)
+        x = preprocess({"image": images}, image_size=model.image_size, dtype=model.dtype)  # no erasing
         # Updated statistics are discarded: calibration changes only the running GAR.
         _, state = model.apply(variables, x, train=True, mutable=["batch_stats", "gar", "intermediates"],
                                rngs={"dropout": jax.random.key(seed)})
@@ -63,12 +62,9 @@ def calibrate_job(checkpoint: str | Path, dataset: str, data_dir: str | Path | N
                   batch_size: int = 256, max_examples: int | None = None, seed: int = 0,
                   skip_bad: bool = False, progress: bool = True) -> LoadedModel:
     """`arm-jax calibrate`: write a model directory whose running GAR comes from `dataset`'s train split."""
-    from arm_jax.data.sources import decode_size_hint, open_split
+    from arm_jax.inference import model_and_split
 
-    loaded = load_any_model(checkpoint)
-    hint = decode_size_hint(dataset, loaded.model.image_size)
-    train_split = open_split(dataset, data_dir, "train", skip_bad=skip_bad, image_size_hint=hint)
-    loaded = loaded.named(tuple(train_split.class_names), f"{checkpoint} on {dataset}/train")
+    loaded, train_split = model_and_split(checkpoint, dataset, data_dir, "train", skip_bad=skip_bad)
     calibrated = calibrate_gar(loaded, train_split, batch_size=batch_size, seed=seed,
                                max_examples=max_examples, progress=progress)
     save_model(output, calibrated.variables, calibrated.model, calibrated.class_names,

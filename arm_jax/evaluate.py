@@ -10,11 +10,10 @@ from tqdm import tqdm
 
 from arm_jax.calibrate import calibrate_gar
 from arm_jax.data.pipeline import make_loader, steps_in_epoch
-from arm_jax.data.sources import decode_size_hint, open_split
 from arm_jax.errors import UserError
-from arm_jax.inference import batched_logits
+from arm_jax.inference import batched_logits, model_and_split
 from arm_jax.metrics import confusion_matrix, summarize
-from arm_jax.model_io import LoadedModel, load_any_model
+from arm_jax.model_io import LoadedModel
 from arm_jax.models import GAR_MODES, with_runtime
 
 
@@ -56,10 +55,7 @@ def evaluate(checkpoint: str | Path, dataset: str, data_dir: str | Path | None, 
         raise UserError(f"--gar must be one of {', '.join(GAR_MODES)}, got {gar!r}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
-    loaded = load_any_model(checkpoint)
-    hint = decode_size_hint(dataset, loaded.model.image_size)
-    test_split = open_split(dataset, data_dir, split, skip_bad=skip_bad, image_size_hint=hint)
-    loaded = loaded.named(tuple(test_split.class_names), f"{checkpoint} on {dataset}/{split}")
+    loaded, test_split = model_and_split(checkpoint, dataset, data_dir, split, skip_bad=skip_bad)
     if tuple(loaded.class_names) != tuple(test_split.class_names):
         raise UserError(f"{checkpoint}: its classes ({', '.join(loaded.class_names)}) are not {dataset}'s "
                         f"({', '.join(test_split.class_names)}), in that order")
@@ -68,8 +64,8 @@ def evaluate(checkpoint: str | Path, dataset: str, data_dir: str | Path | None, 
             raise UserError(
                 f"{checkpoint}: has no running GAR (PyTorch checkpoints and untrained models carry none). Estimate it from "
                 "training images with --calibrate (or `arm-jax calibrate`), or use --gar batch")
-        loaded = calibrate_gar(loaded, open_split(dataset, data_dir, "train", skip_bad=skip_bad, image_size_hint=hint),
-                               seed=seed, progress=progress)
+        _, train_split = model_and_split(checkpoint, dataset, data_dir, "train", skip_bad=skip_bad)
+        loaded = calibrate_gar(loaded, train_split, seed=seed, progress=progress)
 
     shuffled = (gar == "batch") if shuffle is None else shuffle
     model = with_runtime(loaded.model, gar_mode=gar)

@@ -7,9 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arm_jax.data.transforms import device_preprocess
-from arm_jax.model_io import LoadedModel
+from arm_jax.data.sources import decode_size_hint, open_split
+from arm_jax.model_io import LoadedModel, load_any_model
 from arm_jax.models import ARMResNet18
+from arm_jax.steps import preprocess
 
 
 def make_logits_fn(model: ARMResNet18):
@@ -17,8 +18,7 @@ def make_logits_fn(model: ARMResNet18):
 
     @jax.jit
     def logits_fn(variables: dict[str, Any], images: jax.Array) -> jax.Array:
-        boxes = jnp.zeros((images.shape[0], 4), jnp.int32)  # no erasing at inference
-        x = device_preprocess(images, boxes, image_size=model.image_size, dtype=model.dtype)
+        x = preprocess({"image": images}, image_size=model.image_size, dtype=model.dtype)  # no erasing
         return model.apply(variables, x, train=False)
 
     return logits_fn
@@ -41,3 +41,11 @@ def batched_logits(loaded: LoadedModel, model: ARMResNet18, batches: Iterable[di
         if pad_to is not None and count < pad_to:
             images = np.concatenate([images, np.zeros((pad_to - count,) + images.shape[1:], images.dtype)])
         yield batch, np.asarray(logits_fn(loaded.variables, jnp.asarray(images)))[:count]
+
+
+def model_and_split(checkpoint, dataset: str, data_dir, split: str, *, skip_bad: bool = False):
+    """(LoadedModel named after the split's classes, the split opened for that model's input size)."""
+    loaded = load_any_model(checkpoint)
+    opened = open_split(dataset, data_dir, split, skip_bad=skip_bad,
+                        image_size_hint=decode_size_hint(dataset, loaded.model.image_size))
+    return loaded.named(tuple(opened.class_names), f"{checkpoint} on {dataset}/{split}"), opened

@@ -41,9 +41,9 @@ class LoadedModel:
     @property
     def gar_calibrated(self) -> bool:
         """Whether the running GAR was ever estimated (PyTorch checkpoints carry none)."""
-        gar = self.variables.get("gar", {})
-        counts = [int(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(gar) if "count" in str(path)]
-        return not self.model.affinity or (bool(counts) and min(counts) > 0)
+        if not self.model.affinity:
+            return True
+        return int(self.variables["gar"]["arm"]["affinity"]["count"]) > 0
 
 
 def save_model(directory: str | Path, variables: dict[str, Any], model: ARMResNet18,
@@ -112,10 +112,8 @@ def load_any_model(path: str | Path, class_names: tuple[str, ...] | None = None)
         fields, names, variables = load_model_from_checkpoint(path)
         loaded = LoadedModel(ARMResNet18(**fields), variables, tuple(names))
     else:
-        loaded = None
-    if loaded is not None:
-        return loaded.named(tuple(class_names), str(path)) if class_names else loaded
-    raise UserError(
-        f"{path}: not a model: expected a .pth/.pt/.safetensors file, a directory written by "
-        "`arm-jax convert`, or a training --workdir"
-    )
+        raise UserError(
+            f"{path}: not a model: expected a .pth/.pt/.safetensors file, a directory written by "
+            "`arm-jax convert`, or a training --workdir"
+        )
+    return loaded.named(tuple(class_names), str(path)) if class_names else loaded

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from arm_jax.convert import NAMINGS
+from arm_jax.interop.convert import NAMINGS
 
 
 @click.command("convert")
@@ -22,7 +22,7 @@ def convert(source: Path, destination: Path, class_names: str | None, image_size
     SOURCE an arm-jax model directory or training workdir -> DESTINATION a
     .safetensors file that PyTorch code loads.
     """
-    from arm_jax.conversion_jobs import convert_job
+    from arm_jax.interop.jobs import convert_job
 
     names = tuple(name.strip() for name in class_names.split(",")) if class_names else None
     message = convert_job(source, destination, class_names=names, image_size=image_size, naming=naming)

@@ -43,8 +43,8 @@ def default_png_path(checkpoint: Path, dataset: str, split: str) -> Path:
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True)
 def evaluate(checkpoint, dataset, data_dir, split, batch_size, gar, shuffle, calibrate, seed, json_out, png, skip_bad, workers):
     """WA, UA, per-class accuracy and the confusion matrix of a model on a data set split."""
-    from arm_jax.evaluate import evaluate as run_evaluation
-    from arm_jax.report import confusion_png, evaluation_table
+    from arm_jax.inference.evaluate import evaluate as run_evaluation
+    from arm_jax.inference.report import confusion_png, evaluation_table
 
     report = run_evaluation(checkpoint, dataset, data_dir, split=split, batch_size=batch_size, gar=gar, seed=seed,
                             shuffle=shuffle, calibrate=calibrate, skip_bad=skip_bad, worker_count=workers,
@@ -68,8 +68,8 @@ def evaluate(checkpoint, dataset, data_dir, split, batch_size, gar, shuffle, cal
 @click.option("--json", "json_out", default=None, help="Write the predictions as JSON to FILE ('-' for standard output).")
 def predict(checkpoint, images, batch_size, json_out):
     """The expression in each aligned face crop (IMAGE files or folders of them)."""
-    from arm_jax.predict import predict as run_prediction
-    from arm_jax.report import prediction_table
+    from arm_jax.inference.predict import predict as run_prediction
+    from arm_jax.inference.report import prediction_table
 
     predictions = run_prediction(checkpoint, list(images), batch_size=batch_size)
     if json_out:
@@ -88,7 +88,7 @@ def predict(checkpoint, images, batch_size, json_out):
 @click.option("--skip-bad", is_flag=True)
 def calibrate(checkpoint, dataset, data_dir, output, batch_size, max_examples, skip_bad):
     """Estimate the running GAR from training images (for checkpoints that have none)."""
-    from arm_jax.calibrate import calibrate_job
+    from arm_jax.inference.calibrate import calibrate_job
 
     calibrate_job(checkpoint, dataset, data_dir, output, batch_size=batch_size, max_examples=max_examples,
                   skip_bad=skip_bad)

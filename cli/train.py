@@ -1,4 +1,4 @@
-"""`arm-jax train`: parse options into a TrainConfig and call arm_jax.train.train."""
+"""`arm-jax train`: parse options into a TrainConfig and call arm_jax.training.loop.train."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from arm_jax.config import CHOICES, TrainConfig, from_overrides
+from arm_jax.training.config import CHOICES, TrainConfig, from_overrides
 from arm_jax.errors import UserError
 
 _DEFAULTS = TrainConfig()
@@ -69,7 +69,7 @@ def train(**options) -> None:
 
     SIGINT/SIGTERM finish the current step, save a checkpoint and exit with 128+signal.
     """
-    from arm_jax.train import train as run_training
+    from arm_jax.training.loop import train as run_training
 
     _log_to_stderr()
     # A UserError goes up to the `arm-jax` group, which prints it (exit code 2).

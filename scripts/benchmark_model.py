@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import torch
 
-from arm_jax.convert import init_variables
+from arm_jax.interop.pretrained import init_variables
 from arm_jax.models import ARMResNet18
 from tests.torch_reference import TorchARMResNet18
 

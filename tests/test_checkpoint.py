@@ -5,13 +5,13 @@ import numpy as np
 import optax
 import pytest
 
-from arm_jax.checkpoint import Checkpoints, load_model_from_checkpoint
-from arm_jax.config import TrainConfig
-from arm_jax.convert import init_variables
+from arm_jax.training.checkpoints import Checkpoints, load_model_from_checkpoint
+from arm_jax.training.config import TrainConfig
+from arm_jax.interop.pretrained import init_variables
 from arm_jax.errors import UserError
 from arm_jax.models import ARMResNet18, architecture
-from arm_jax.optim import make_optimizer
-from arm_jax.state import TrainState
+from arm_jax.training.optim import make_optimizer
+from arm_jax.training.state import TrainState
 
 
 @pytest.fixture(scope="module")

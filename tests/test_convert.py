@@ -10,9 +10,10 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file as torch_load_safetensors
 
-from arm_jax.convert import ConversionError, flax_to_torch, init_variables, load_state_dict, save_safetensors, torch_to_flax
+from arm_jax.interop.convert import ConversionError, flax_to_torch, load_state_dict, save_safetensors, torch_to_flax
+from arm_jax.interop.pretrained import init_variables
 from arm_jax.errors import UserError
-from arm_jax.model_io import load_any_model, load_model_directory
+from arm_jax.interop.model_files import load_any_model, load_model_directory
 from arm_jax.models import ARMResNet18
 from cli.main import cli
 from tests.torch_reference import TorchARMResNet18, TorchResNet18, randomise_batchnorm

@@ -2,22 +2,21 @@
 
 import json
 
-import jax
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from arm_jax.calibrate import calibrate_gar
+from arm_jax.inference.calibrate import calibrate_gar
 from arm_jax.data.synthetic import CLASS_NAMES, SyntheticSplit
 from arm_jax.data.transforms import host_preprocess
 from arm_jax.errors import UserError
-from arm_jax.evaluate import predict_split
-from arm_jax.inference import batched_logits
-from arm_jax.model_io import load_any_model, save_model
+from arm_jax.inference.evaluate import predict_split
+from arm_jax.inference.runner import batched_logits
+from arm_jax.interop.model_files import load_any_model, save_model
 from arm_jax.models import with_runtime
-from arm_jax.predict import predict
+from arm_jax.inference.predict import predict
 from cli.main import cli
 from tests.torch_reference import TorchARMResNet18, randomise_batchnorm
 

@@ -5,8 +5,8 @@ import numpy as np
 import optax
 import pytest
 
-from arm_jax.config import TrainConfig
-from arm_jax.optim import learning_rate_schedule, lr_at_epoch, make_optimizer
+from arm_jax.training.config import TrainConfig
+from arm_jax.training.optim import learning_rate_schedule, lr_at_epoch, make_optimizer
 
 torch = pytest.importorskip("torch")
 

@@ -28,12 +28,12 @@ def _run_modes() -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from arm_jax.config import TrainConfig
-    from arm_jax.optim import make_optimizer
+    from arm_jax.training.config import TrainConfig
+    from arm_jax.training.optim import make_optimizer
     from arm_jax.models import ARMResNet18, with_runtime
-    from arm_jax.parallel import make_parallel
-    from arm_jax.state import TrainState
-    from arm_jax.steps import make_eval_step, make_train_step
+    from arm_jax.training.parallel import make_parallel
+    from arm_jax.training.state import TrainState
+    from arm_jax.training.steps import make_eval_step, make_train_step
 
     assert jax.device_count() == DEVICES
     assert jax.config.jax_enable_x64

@@ -10,7 +10,7 @@ import pytest
 import torch
 from flax import traverse_util
 
-from arm_jax.convert import convert_for_model, flax_to_torch, key_table, torch_to_flax
+from arm_jax.interop.convert import convert_for_model, flax_to_torch, key_table, torch_to_flax
 from arm_jax.models import ARMResNet18, with_runtime
 from tests.torch_reference import TorchARMResNet18, TorchResNet18, randomise_batchnorm
 

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from arm_jax.data.base import SPLITS
 from arm_jax.data.prepared import PreparedSplit, prepare
-from arm_jax.data.sources import open_split
+from arm_jax.data.splits import open_split
 from arm_jax.errors import DatasetError
 from cli.data import prepare as prepare_command
 from tests import fixtures as fx

@@ -1,14 +1,13 @@
 """Readers: labels and splits of each distributed format, and every kind of bad input."""
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests import fixtures as fx
 from arm_jax.data.readers.fer2013 import ferplus_majority
-from arm_jax.data.sources import open_split
+from arm_jax.data.splits import open_split
 from arm_jax.errors import DatasetError, UserError
 
 

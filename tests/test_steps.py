@@ -4,12 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arm_jax.config import TrainConfig
-from arm_jax.convert import init_variables
+from arm_jax.training.config import TrainConfig
+from arm_jax.interop.pretrained import init_variables
 from arm_jax.models import ARMResNet18
-from arm_jax.optim import make_optimizer
-from arm_jax.state import TrainState
-from arm_jax.steps import make_eval_step, make_train_step
+from arm_jax.training.optim import make_optimizer
+from arm_jax.training.state import TrainState
+from arm_jax.training.steps import make_eval_step, make_train_step
 
 SIZE, BATCH = 96, 8
 

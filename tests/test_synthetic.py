@@ -5,7 +5,7 @@ import pickle
 import numpy as np
 from PIL import Image
 
-from arm_jax.data.sources import open_split
+from arm_jax.data.splits import open_split
 from arm_jax.data.synthetic import SyntheticSplit, draw
 
 

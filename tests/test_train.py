@@ -13,10 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from arm_jax.checkpoint import Checkpoints, load_model_from_checkpoint
-from arm_jax.config import TrainConfig, from_overrides
+from arm_jax.training.checkpoints import Checkpoints, load_model_from_checkpoint
+from arm_jax.training.config import TrainConfig, from_overrides
 from arm_jax.errors import UserError
-from arm_jax.train import LossIsNaN, train
+from arm_jax.training.loop import LossIsNaN, train
 
 REPO = Path(__file__).resolve().parents[1]
 # 96 px, not 64: at 64 the ARM representation is 1x1 (one BN-normalised value, a
@@ -174,10 +174,10 @@ def test_evaluate_predict_and_calibrate_on_the_trained_checkpoint(trained_workdi
     from click.testing import CliRunner
     from PIL import Image
 
-    from arm_jax.calibrate import calibrate_gar
+    from arm_jax.inference.calibrate import calibrate_gar
     from arm_jax.data.synthetic import SyntheticSplit
-    from arm_jax.evaluate import predict_split
-    from arm_jax.model_io import LoadedModel, load_any_model
+    from arm_jax.inference.evaluate import predict_split
+    from arm_jax.interop.model_files import LoadedModel, load_any_model
     from arm_jax.models import with_runtime
     from cli.main import cli
 

@@ -1,7 +1,7 @@
 """LabelledSplit, the random-access source every data set becomes, and its building blocks.
 
 A reader turns a data set's files into `Records` (labels plus either decoded pixels or
-image paths); `sources.open_split` wraps them in a `LabelledSplit`. Bad records are
+image paths); `splits.open_split` wraps them in a `LabelledSplit`. Bad records are
 collected in a `Problems` list so the user sees all of them at once, before training.
 """
 

@@ -171,6 +171,14 @@ def device_preprocess(images_uint8: jax.Array, erase_boxes: jax.Array, *, image_
     return x.astype(dtype)
 
 
+def preprocess_batch(batch: dict, *, image_size: int, dtype) -> jax.Array:
+    """A pipeline batch's uint8 images (+ random-erasing boxes, if any) -> model input."""
+    erase = batch.get("erase")
+    if erase is None:  # eval batches may come without boxes: no erasing
+        erase = jnp.zeros((batch["image"].shape[0], 4), jnp.int32)
+    return device_preprocess(batch["image"], erase, image_size=image_size, dtype=dtype)
+
+
 def _erase_mask(xp, boxes, image_size: int):
     """(N, S, S) bool: True inside each (top, left, height, width) box."""
     top, left, height, width = (boxes[:, i, None] for i in range(4))

@@ -97,7 +97,7 @@ class SharingAffinity(nn.Module):
         running_gar = self.variable("gar", "mean", jnp.zeros, shape, stats_dtype)
         updates = self.variable("gar", "count", jnp.zeros, (), jnp.int32)
 
-        # Per-batch sums for calibrating the running GAR from data (`arm_jax.calibrate`);
+        # Per-batch sums for calibrating the running GAR from data (`arm_jax.inference.calibrate`);
         # a no-op unless the caller makes 'intermediates' mutable.
         self.sow("intermediates", "representation_sum", representation.astype(stats_dtype).sum(axis=0))
         if train or self.gar_mode == "batch":

@@ -20,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from arm_jax.errors import UserError
-from arm_jax.state import TrainState
+from arm_jax.training.state import TrainState
 
 KINDS = ("latest", "best")
 _ARRAY_ITEMS = ("variables", "optimizer")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import optax
 
-from arm_jax.config import TrainConfig
+from arm_jax.training.config import TrainConfig
 
 
 def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:

@@ -7,10 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arm_jax.data.sources import decode_size_hint, open_split
-from arm_jax.model_io import LoadedModel, load_any_model
+from arm_jax.data.sources import decode_size_hint
+from arm_jax.data.splits import open_split
+from arm_jax.interop.model_files import LoadedModel, load_any_model
 from arm_jax.models import ARMResNet18
-from arm_jax.steps import preprocess
+from arm_jax.data.transforms import preprocess_batch
 
 
 def make_logits_fn(model: ARMResNet18):
@@ -18,7 +19,7 @@ def make_logits_fn(model: ARMResNet18):
 
     @jax.jit
     def logits_fn(variables: dict[str, Any], images: jax.Array) -> jax.Array:
-        x = preprocess({"image": images}, image_size=model.image_size, dtype=model.dtype)  # no erasing
+        x = preprocess_batch({"image": images}, image_size=model.image_size, dtype=model.dtype)  # no erasing
         return model.apply(variables, x, train=False)
 
     return logits_fn

@@ -2,7 +2,7 @@
 
 A model directory holds `model.json` (the architecture fields and class names)
 and `variables/`, an orbax checkpoint of params, batch_stats and the running
-GAR. Training checkpoints (arm_jax.checkpoint) hold the same information.
+GAR. Training checkpoints (arm_jax.training.checkpoints) hold the same information.
 """
 
 import json
@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from arm_jax.convert import convert_for_model, expected_shapes, infer_model_kwargs, load_state_dict
+from arm_jax.interop.convert import convert_for_model, expected_shapes, infer_model_kwargs, load_state_dict
 from arm_jax.errors import UserError
 from arm_jax.models import ARCHITECTURE_FIELDS, ARMResNet18, architecture
 
@@ -107,7 +107,7 @@ def load_any_model(path: str | Path, class_names: tuple[str, ...] | None = None)
     if (path / MODEL_FILE).is_file():
         loaded = load_model_directory(path)
     elif path.is_dir():
-        from arm_jax.checkpoint import load_model_from_checkpoint  # the training side's format
+        from arm_jax.training.checkpoints import load_model_from_checkpoint  # the training side's format
 
         fields, names, variables = load_model_from_checkpoint(path)
         loaded = LoadedModel(ARMResNet18(**fields), variables, tuple(names))

@@ -9,8 +9,8 @@ from PIL import Image, UnidentifiedImageError
 
 from arm_jax.data.transforms import resize_uint8
 from arm_jax.errors import UserError
-from arm_jax.inference import make_logits_fn
-from arm_jax.model_io import load_any_model
+from arm_jax.inference.runner import make_logits_fn
+from arm_jax.interop.model_files import load_any_model
 from arm_jax.models import with_runtime
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")

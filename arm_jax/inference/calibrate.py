@@ -9,8 +9,8 @@ from flax import traverse_util
 from tqdm import tqdm
 
 from arm_jax.data.pipeline import make_loader
-from arm_jax.model_io import LoadedModel, save_model
-from arm_jax.steps import preprocess
+from arm_jax.interop.model_files import LoadedModel, save_model
+from arm_jax.data.transforms import preprocess_batch
 
 
 def calibrate_gar(loaded: LoadedModel, train_split, *, batch_size: int = 256, seed: int = 0,
@@ -31,7 +31,7 @@ def calibrate_gar(loaded: LoadedModel, train_split, *, batch_size: int = 256, se
 
     @jax.jit
     def representation_sum(variables, images):
-        x = preprocess({"image": images}, image_size=model.image_size, dtype=model.dtype)  # no erasing
+        x = preprocess_batch({"image": images}, image_size=model.image_size, dtype=model.dtype)  # no erasing
         # Updated statistics are discarded: calibration changes only the running GAR.
         _, state = model.apply(variables, x, train=True, mutable=["batch_stats", "gar", "intermediates"],
                                rngs={"dropout": jax.random.key(seed)})
@@ -62,7 +62,7 @@ def calibrate_job(checkpoint: str | Path, dataset: str, data_dir: str | Path | N
                   batch_size: int = 256, max_examples: int | None = None, seed: int = 0,
                   skip_bad: bool = False, progress: bool = True) -> LoadedModel:
     """`arm-jax calibrate`: write a model directory whose running GAR comes from `dataset`'s train split."""
-    from arm_jax.inference import model_and_split
+    from arm_jax.inference.runner import model_and_split
 
     loaded, train_split = model_and_split(checkpoint, dataset, data_dir, "train", skip_bad=skip_bad)
     calibrated = calibrate_gar(loaded, train_split, batch_size=batch_size, seed=seed,

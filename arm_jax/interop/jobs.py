@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-from arm_jax.convert import flax_to_torch, save_safetensors
+from arm_jax.interop.convert import flax_to_torch, save_safetensors
 from arm_jax.errors import UserError
-from arm_jax.model_io import WEIGHT_SUFFIXES, load_any_model, load_pytorch_model, save_model
+from arm_jax.interop.model_files import WEIGHT_SUFFIXES, load_any_model, load_pytorch_model, save_model
 
 
 def convert_job(source: Path, destination: Path, *, class_names: tuple[str, ...] | None = None,

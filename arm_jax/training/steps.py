@@ -8,20 +8,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from arm_jax.state import TrainState
+from arm_jax.data.transforms import preprocess_batch
+from arm_jax.training.state import TrainState
 
 TrainStep = Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]
 EvalStep = Callable[[TrainState, dict], dict]
-
-
-def preprocess(batch: dict, *, image_size: int, dtype) -> jax.Array:
-    """uint8 batch images (+ random-erasing boxes) -> normalised float NHWC, on the device."""
-    from arm_jax.data.transforms import device_preprocess  # the pipeline's half of the transform
-
-    erase = batch.get("erase")
-    if erase is None:  # eval batches may come without boxes: no erasing
-        erase = jnp.zeros((batch["image"].shape[0], 4), jnp.int32)
-    return device_preprocess(batch["image"], erase, image_size=image_size, dtype=dtype)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -50,7 +41,7 @@ def make_train_step(model, tx: optax.GradientTransformation, *, image_size: int)
     def train_step(state: TrainState, batch: dict, rng: jax.Array):
         rng = jax.random.fold_in(rng, state.step)
         dropout_rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name)) if axis_name else rng
-        images = preprocess(batch, image_size=image_size, dtype=model.dtype)
+        images = preprocess_batch(batch, image_size=image_size, dtype=model.dtype)
         labels = batch["label"]
 
         def loss_fn(params):
@@ -88,7 +79,7 @@ def make_eval_step(model, *, image_size: int) -> EvalStep:
     axis_name = model.axis_name
 
     def eval_step(state: TrainState, batch: dict) -> dict:
-        images = preprocess(batch, image_size=image_size, dtype=model.dtype)
+        images = preprocess_batch(batch, image_size=image_size, dtype=model.dtype)
         labels = batch["label"]
         logits = model.apply(state.variables, images, train=False)
         num_classes = logits.shape[-1]

@@ -17,16 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from arm_jax import metrics as metrics_lib
-from arm_jax.checkpoint import Checkpoints
-from arm_jax.config import TrainConfig, check_resumable, save_config
+from arm_jax.inference import metrics as metrics_lib
+from arm_jax.training.checkpoints import Checkpoints
+from arm_jax.training.config import TrainConfig, check_resumable, save_config
 from arm_jax.data.base import LabelledSplit
 from arm_jax.errors import UserError
 from arm_jax.models import ARMResNet18, architecture, with_runtime
-from arm_jax.optim import lr_at_epoch, make_optimizer
-from arm_jax.parallel import make_parallel
-from arm_jax.state import TrainState
-from arm_jax.steps import make_eval_step, make_train_step
+from arm_jax.training.optim import lr_at_epoch, make_optimizer
+from arm_jax.training.parallel import make_parallel
+from arm_jax.training.state import TrainState
+from arm_jax.training.steps import make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,8 @@ class Run:
 
 
 def _open_data(config: TrainConfig) -> tuple[LabelledSplit, LabelledSplit]:
-    from arm_jax.data.sources import decode_size_hint, open_split
+    from arm_jax.data.sources import decode_size_hint
+    from arm_jax.data.splits import open_split
 
     splits = []
     for split, limit in (("train", config.max_train_examples), (config.eval_split, config.max_eval_examples)):
@@ -123,7 +124,7 @@ def _keys(seed: int):
 
 def _setup(config: TrainConfig) -> tuple[Run, TrainState, dict]:
     """Open the data, build model/optimiser/steps, and resume from the latest checkpoint."""
-    from arm_jax.convert import init_variables
+    from arm_jax.interop.pretrained import init_variables
     from arm_jax.data.pipeline import steps_in_epoch
 
     workdir = Path(config.workdir)

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from arm_jax.calibrate import calibrate_gar
+from arm_jax.inference.calibrate import calibrate_gar
 from arm_jax.data.pipeline import make_loader, steps_in_epoch
 from arm_jax.errors import UserError
-from arm_jax.inference import batched_logits, model_and_split
-from arm_jax.metrics import confusion_matrix, summarize
-from arm_jax.model_io import LoadedModel
+from arm_jax.inference.runner import batched_logits, model_and_split
+from arm_jax.inference.metrics import confusion_matrix, summarize
+from arm_jax.interop.model_files import LoadedModel
 from arm_jax.models import GAR_MODES, with_runtime
 
 

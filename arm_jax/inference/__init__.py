@@ -1,0 +1,1 @@
+"""Inference: evaluation, prediction, GAR calibration, metrics and reports."""

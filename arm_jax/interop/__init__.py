@@ -1,0 +1,1 @@
+"""Interoperability: PyTorch weights, model files, pretrained initialisation."""

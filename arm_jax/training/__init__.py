@@ -1,0 +1,1 @@
+"""Training: config, optimiser, state, pure steps, parallelism, checkpoints and the loop."""

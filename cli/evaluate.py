@@ -1,7 +1,5 @@
-"""`arm-jax evaluate`, `arm-jax predict` and `arm-jax calibrate`."""
+"""`arm-jax evaluate` and `arm-jax calibrate`."""
 
-import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -59,23 +57,6 @@ def evaluate(checkpoint, dataset, data_dir, split, batch_size, gar, shuffle, cal
     click.echo(f"confusion matrix image: {png}")
     if json_out:
         write_json(report.to_json(), json_out)
-
-
-@click.command("predict")
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path))
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--json", "json_out", default=None, help="Write the predictions as JSON to FILE ('-' for standard output).")
-def predict(checkpoint, images, batch_size, json_out):
-    """The expression in each aligned face crop (IMAGE files or folders of them)."""
-    from arm_jax.inference.predict import predict as run_prediction
-    from arm_jax.inference.report import prediction_table
-
-    predictions = run_prediction(checkpoint, list(images), batch_size=batch_size)
-    if json_out:
-        write_json(json.dumps([dataclasses.asdict(p) for p in predictions], indent=2), json_out)
-    if json_out != "-":
-        click.echo(prediction_table(predictions))
 
 
 @click.command("calibrate")

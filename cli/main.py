@@ -7,7 +7,8 @@ import click
 from arm_jax.errors import UserError
 from cli.convert import convert
 from cli.data import prepare
-from cli.evaluate import calibrate, evaluate, predict
+from cli.evaluate import calibrate, evaluate
+from cli.predict import predict
 from cli.train import train
 
 

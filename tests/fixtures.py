@@ -86,16 +86,29 @@ def write_raf_db(root: Path, entries, *, extra_lines: tuple[str, ...] = ()) -> P
     return root
 
 
+def margin_box(shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """(x, y, width, height) of a face box inside AffectNet's margin (134,134,899,899 in 1167 px:
+    11.5% of the side on each edge)."""
+    height, width = shape[:2]
+    x, y = round(0.115 * width), round(0.115 * height)
+    return x, y, width - 2 * x, height - 2 * y
+
+
 def write_affectnet_csv(root: Path, splits: dict[str, list]) -> Path:
-    """splits: {'training'|'validation': [(subDirectory_filePath, expression, image or None)]}."""
+    """splits: {'training'|'validation': [(subDirectory_filePath, expression, image or None[,
+    (face_x, face_y, face_width, face_height)])]}; the box defaults to margin_box(image).
+
+    A path listed twice is written once (the last image given for it)."""
     lists = root / "Manually_Annotated_file_lists"
     lists.mkdir(parents=True, exist_ok=True)
     for which, rows in splits.items():
         with open(lists / f"{which}.csv", "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(AFFECTNET_HEADER)
-            for path, expression, image in rows:
-                writer.writerow([path, 0, 0, 64, 64, "1.0;2.0", expression, 0.1, -0.2])
+            for path, expression, image, *box in rows:
+                box = box[0] if box else (margin_box(image.shape) if image is not None
+                                          else (8, 8, 48, 48))
+                writer.writerow([path, *box, "1.0;2.0", expression, 0.1, -0.2])
                 if image is not None:
                     write_image(root / "Manually_Annotated_Images" / path, image)
     return root

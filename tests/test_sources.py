@@ -31,7 +31,7 @@ def test_fer2013_csv_splits_labels_pixels(tmp_path, rng, icml):
         split_ = raw("fer2013", tmp_path, split)
         expected = [(label, pixels) for label, pixels, u in rows if u == usage]
         assert split_.labels.tolist() == [label for label, _ in expected]
-        assert split_.class_names[6] == "neutral" and split_.class_names[0] == "angry"
+        assert split_.class_names[6] == "neutral" and split_.class_names[0] == "anger"
         for i, (label, pixels) in enumerate(expected):
             item = split_[i]
             assert item["label"] == label and item["label"].dtype == np.int32
@@ -196,7 +196,8 @@ def test_affectnet_csv_7_and_8_classes(tmp_path, rng):
     assert eight.class_names[7] == "contempt" and len(seven.class_names) == 7
     assert raw("affectnet7", tmp_path, "val").labels.tolist() == [0, 6]
     assert raw("affectnet8", tmp_path, "test").labels.tolist() == [7, 0, 6]
-    assert seven[3]["image"].shape == (63, 50, 3)
+    _, _, width, height = fx.margin_box((63, 50))
+    assert seven[3]["image"].shape == (height, width, 3)  # the face box, not the whole file
     assert raw("affectnet7", tmp_path, "train", image_size_hint=40)[3]["image"].shape == (40, 40, 3)
 
 
@@ -245,4 +246,5 @@ def test_only_variable_size_data_sets_are_decoded_to_the_model_size():
     from arm_jax.data.sources import decode_size_hint
 
     assert decode_size_hint("raf_db", 224) is None and decode_size_hint("fer2013_folder", 224) is None
-    assert decode_size_hint("affectnet7", 224) == 224 and decode_size_hint("folder", 112) == 112
+    assert decode_size_hint("affectnet7", 224) is None  # face crops, capped at CROP_MAX_SIDE
+    assert decode_size_hint("folder", 112) == 112

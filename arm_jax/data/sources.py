@@ -78,14 +78,19 @@ def open_raw(dataset: str, data_dir: str | Path | None, split: str, *, skip_bad:
                          records.dropped_reason)
     if records.images is not None:
         return ArraySplit(name, records.class_names, records.labels, records.images, report)
+    if isinstance(records, affectnet.FaceRecords):
+        return affectnet.FaceCropSplit(name, records.class_names, records.labels, records.root,
+                                       records.paths, records.boxes, records.mode,
+                                       image_size_hint, report)
     return FileSplit(name, records.class_names, records.labels, records.root, records.paths,
                      records.mode, image_size_hint, report)
 
 
 # Data sets whose images come in many sizes: decoded straight to the model's input size.
-# The others travel at their native size (FER 48 px, RAF-DB 100 px), so flip/noise happen
-# there, as in the released code, and resizing runs on the device.
-VARIABLE_SIZE_DATASETS = ("affectnet7", "affectnet8", "folder")
+# The others travel at their native size (FER 48 px, RAF-DB 100 px, AffectNet's face crops
+# capped at affectnet.CROP_MAX_SIDE), so flip/noise happen there, as in the released code,
+# and resizing follows (on the device, or on the host for mixed sizes).
+VARIABLE_SIZE_DATASETS = ("folder",)
 
 
 def decode_size_hint(dataset: str, image_size: int) -> int | None:

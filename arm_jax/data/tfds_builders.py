@@ -5,25 +5,31 @@ of the label/CSV files' bytes and of every image file's name, size and mtime, so
 corrected source file gets a new config (prepared again), never stale data.
 Representation (measured, see the README): FER2013's pixels are stored raw (uint8 48x48x1
 tensors); image-file data sets store each file's original JPEG/PNG bytes, decoded on access
-with the same decoder as the raw reader, so prepared and raw images are identical.
+with the same decoder as the raw reader, so prepared and raw images are identical. AffectNet's
+CSV layout stores each row's face crop (capped at affectnet.CROP_MAX_SIDE) as PNG: lossless,
+so equal to the raw reader's crop too.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import io
 import os
 from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from arm_jax.data import sources
 from arm_jax.data.base import SPLITS, BadRecord, Problems, decode_image, describe_bad
 from arm_jax.data.readers import affectnet, fer2013, raf_db
 from arm_jax.errors import DatasetError
 
-FORMAT_VERSION = "1.0.0"  # bump when what a prepared record holds changes
+# Bump when what a prepared record holds changes (1.1.0: canonical class names, AffectNet's
+# CSV records are face crops).
+FORMAT_VERSION = "1.1.0"
 
 
 def _source_files(dataset: str, data_dir: Path) -> tuple[list[Path], list[Path]]:
@@ -66,11 +72,18 @@ def fingerprint(dataset: str, data_dir: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _verify(root: Path, paths: list[str], mode: str) -> list[str | None]:
-    """Full decode of every image (threads: PIL releases the GIL); why each failed, or None."""
-    def check(path):
+def _verify(root: Path, paths: list[str], mode: str, boxes=None) -> list[str | None]:
+    """Full decode of every image (threads: PIL releases the GIL); why each failed, or None.
+
+    With boxes (AffectNet's CSV layout), each image is decoded and cropped to its box.
+    """
+    def check(args):
+        path, box = args
         try:
-            decode_image(root / path, mode)
+            if box is None:
+                decode_image(root / path, mode)
+            else:
+                affectnet.face_crop(root / path, box, mode)
         except FileNotFoundError:
             return f"image file is missing: {root / path}"
         except (OSError, SyntaxError, ValueError) as e:
@@ -78,7 +91,8 @@ def _verify(root: Path, paths: list[str], mode: str) -> list[str | None]:
         return None
 
     with concurrent.futures.ThreadPoolExecutor(max(os.cpu_count() or 1, 1)) as pool:
-        return list(pool.map(check, paths, chunksize=64))
+        return list(pool.map(check, zip(paths, [None] * len(paths) if boxes is None else boxes),
+                             chunksize=64))
 
 
 class _SourceBuilder(tfds.core.GeneratorBasedBuilder):
@@ -124,13 +138,16 @@ class _SourceBuilder(tfds.core.GeneratorBasedBuilder):
             records = sources.read_records(self._dataset, data_dir, split, problems,
                                            check_images=False)
             keep = np.ones(len(records.labels), dtype=bool)
+            boxes = getattr(records, "boxes", None)
             if records.paths is not None:
                 for i, (why, path) in enumerate(zip(_verify(records.root, records.paths,
-                                                            records.mode), records.paths)):
+                                                            records.mode, boxes), records.paths)):
                     if why is not None:
                         problems.add(records.root / path, None, why)
                         keep[i] = False
                 records.paths = [p for p, k in zip(records.paths, keep) if k]
+                if boxes is not None:
+                    records.boxes = boxes[keep]
             else:
                 records.images = records.images[keep]
             records.labels = records.labels[keep]
@@ -152,9 +169,19 @@ class _SourceBuilder(tfds.core.GeneratorBasedBuilder):
         for i, label in enumerate(records.labels):
             if records.paths is None:
                 image = records.images[i]
+            elif getattr(records, "boxes", None) is not None:
+                image = _png(affectnet.face_crop(records.root / records.paths[i],
+                                                 records.boxes[i], records.mode))
             else:
                 image = (records.root / records.paths[i]).read_bytes()
             yield i, {"image": image, "label": int(label)}
+
+
+def _png(image: np.ndarray) -> bytes:
+    """uint8 HxWxC as PNG bytes (lossless: decoding gives the same pixels back)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 class ArmFer2013(_SourceBuilder):

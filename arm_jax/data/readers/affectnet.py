@@ -1,24 +1,35 @@
 """AffectNet, in both layouts seen in the wild: the official CSV lists and the npy re-release.
 
-Images are used as distributed, not cropped to face_x/y/width/height: the manually
-annotated images already are face crops (the box covers nearly all of each image), and
-ARM-style training code, like most AffectNet code, feeds them as they are.
+The CSV layout gives a face box per row (face_x, face_y, face_width, face_height); the
+images around it carry a margin (about 13% of the side: rows read `134,134,899,899`),
+and one file can be listed twice with two boxes. A record is therefore the box's content,
+clipped to the image, not the file: loaders that reproduce AffectNet results crop first.
+A crop larger than CROP_MAX_SIDE is downscaled to it (keeping its aspect) before anything
+else, so flip/noise run at a bounded size. The re-release's images are crops already.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import io
 import os
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from arm_jax.data.base import IMAGE_SUFFIXES, Problems, Records, check_image_paths
+from arm_jax.data.base import (IMAGE_SUFFIXES, FileSplit, Problems, Records, SplitReport,
+                               check_image_paths, contained_path)
+from arm_jax.data.classes import dataset_classes
 from arm_jax.data.readers import require
 from arm_jax.errors import DatasetError
 
-CLASS_NAMES = ("neutral", "happiness", "sadness", "surprise", "fear", "disgust", "anger",
-               "contempt")
+CLASS_NAMES = dataset_classes("affectnet8")  # neutral, happiness, sadness, surprise, ...
+BOX_COLUMNS = ("face_x", "face_y", "face_width", "face_height")
+# Crops above this side are downscaled to it first (the model reads 224 px; AffectNet's
+# boxes reach thousands of pixels, and flip/noise/resize at that size would dominate).
+CROP_MAX_SIDE = 256
 ALL_CODES = 11  # 8 emotions, then 8 None, 9 Uncertain, 10 No-Face
 LIST_DIR = Path("Manually_Annotated_file_lists")
 IMAGE_DIR = Path("Manually_Annotated_Images")
@@ -51,18 +62,89 @@ def _code(text: str, where, problems) -> int | None:
     return None
 
 
+@dataclasses.dataclass
+class FaceRecords(Records):
+    """Records of the CSV layout: each path comes with its face box (x, y, width, height)."""
+
+    boxes: np.ndarray | None = None  # int64 (N, 4)
+
+
+def _box(row, columns, where, problems) -> tuple[int, int, int, int] | None:
+    """The row's face box, or None (recorded as a bad record) if it is not a valid box."""
+    texts = [row[c].strip() for c in columns]
+    try:
+        x, y, width, height = (int(t) for t in texts)
+    except ValueError:
+        problems.add(*where, f"invalid face box {','.join(texts)} (x,y,width,height must be "
+                             "whole numbers)")
+        return None
+    if width <= 0 or height <= 0:
+        problems.add(*where, f"invalid face box {x},{y},{width},{height} (width and height "
+                             "must be positive)")
+        return None
+    return x, y, width, height
+
+
+def clip_box(box, width: int, height: int) -> tuple[int, int, int, int] | None:
+    """(left, top, right, bottom) of box clipped to a width x height image; None if empty."""
+    x, y, w, h = (int(v) for v in box)
+    left, top, right, bottom = max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)
+    return (left, top, right, bottom) if right > left and bottom > top else None
+
+
+def face_crop(source: Path | bytes, box, mode: str) -> np.ndarray:
+    """Decode an image, crop it to box (clipped), cap its side at CROP_MAX_SIDE: uint8 HxWxC."""
+    with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as im:
+        corners = clip_box(box, *im.size)
+        if corners is None:
+            raise ValueError(f"face box {','.join(map(str, box))} lies outside the "
+                             f"{im.size[0]}x{im.size[1]} image")
+        crop = im.crop(corners).convert(mode)
+    side = max(crop.size)
+    if side > CROP_MAX_SIDE:
+        scale = CROP_MAX_SIDE / side
+        crop = crop.resize((max(1, round(crop.size[0] * scale)),
+                            max(1, round(crop.size[1] * scale))), Image.BILINEAR)
+    array = np.asarray(crop, dtype=np.uint8)
+    return array[..., None] if array.ndim == 2 else array
+
+
+class FaceCropSplit(FileSplit):
+    """AffectNet's CSV layout: record i is the face box of its row, cropped from the file."""
+
+    def __init__(self, name, class_names, labels, root: Path, paths: list[str], boxes, mode: str,
+                 size: int | None = None, report=SplitReport()):
+        super().__init__(name, class_names, labels, root, paths, mode, size, report)
+        self.boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+
+    def image(self, index: int) -> np.ndarray:
+        path = self.root / self.paths[index]
+        try:
+            crop = face_crop(path, self.boxes[index], self.mode)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DatasetError(f"{path}: face crop cannot be decoded ({e}); run `arm-jax "
+                               "prepare` to check every image before training") from e
+        if self.size is None or crop.shape[:2] == (self.size, self.size):
+            return crop
+        resized = Image.fromarray(crop.squeeze(-1) if crop.shape[-1] == 1 else crop).resize(
+            (self.size, self.size), Image.BILINEAR)
+        array = np.asarray(resized, dtype=np.uint8)
+        return array[..., None] if array.ndim == 2 else array
+
+
 def _read_csv(data_dir, split, num_classes, problems):
-    """(paths relative to data_dir, labels, wheres, dropped) from the official CSV lists."""
+    """(paths relative to data_dir, labels, wheres, dropped, boxes) from the official lists."""
     path = require(data_dir / LIST_DIR / CSV_FILE[split], "affectnet", HOW_TO_GET, LAYOUT)
-    paths, labels, wheres, dropped = [], [], [], 0
+    paths, labels, wheres, boxes, dropped = [], [], [], [], 0
     with open(path, newline="") as f:
         reader = csv.reader(f)
         header = [name.strip() for name in next(reader, [])]
-        needed = ("subDirectory_filePath", "expression")
+        needed = ("subDirectory_filePath", "expression") + BOX_COLUMNS
         if any(name not in header for name in needed):
             raise DatasetError(f"{path}:1: header must have columns {', '.join(needed)} "
                                f"(found {', '.join(header)})")
         file_col, label_col = header.index(needed[0]), header.index(needed[1])
+        box_cols = [header.index(name) for name in BOX_COLUMNS]
         for row in reader:
             where = (path, reader.line_num)
             if len(row) != len(header):
@@ -74,10 +156,26 @@ def _read_csv(data_dir, split, num_classes, problems):
             if label >= num_classes:  # the protocol's drop, not bad input
                 dropped += 1
                 continue
+            box = _box(row, box_cols, where, problems)
+            if box is None:
+                continue
             paths.append(os.path.join(IMAGE_DIR, row[file_col].strip()))
             labels.append(label)
             wheres.append(where)
-    return paths, labels, wheres, dropped
+            boxes.append(box)
+    return paths, labels, wheres, dropped, boxes
+
+
+def _boxes_fit(data_dir, paths, boxes, wheres, keep, problems) -> None:
+    """Mark (keep=False, a bad record) each kept row whose box misses its image entirely."""
+    for i in np.flatnonzero(keep):
+        resolved = contained_path(data_dir, paths[i])
+        with Image.open(resolved) as im:  # the header only: the image was checked already
+            size = im.size
+        if clip_box(boxes[i], *size) is None:
+            problems.add(*wheres[i], f"invalid face box {','.join(map(str, boxes[i]))}: it lies "
+                                     f"outside the {size[0]}x{size[1]} image {resolved}")
+            keep[i] = False
 
 
 def _read_npy(data_dir, split, num_classes, problems):
@@ -112,13 +210,25 @@ def _read_npy(data_dir, split, num_classes, problems):
 
 def read_affectnet(data_dir: Path, split: str, problems: Problems, *, num_classes: int,
                    check_images: bool = True) -> Records:
-    """AffectNet with 7 (codes 0-6) or 8 (codes 0-7) classes; val is the validation set = test."""
+    """AffectNet with 7 (codes 0-6) or 8 (codes 0-7) classes; val is the validation set = test.
+
+    The CSV layout gives FaceRecords (a face box per record); the re-release plain Records.
+    """
     if num_classes not in (7, 8):
         raise ValueError(f"num_classes must be 7 or 8, not {num_classes}")
-    read = _read_csv if layout_of(data_dir) == "csv" else _read_npy
-    paths, labels, wheres, dropped = read(data_dir, split, num_classes, problems)
+    boxes = None
+    if layout_of(data_dir) == "csv":
+        paths, labels, wheres, dropped, boxes = _read_csv(data_dir, split, num_classes, problems)
+    else:
+        paths, labels, wheres, dropped = _read_npy(data_dir, split, num_classes, problems)
     keep = check_image_paths(data_dir, paths, wheres, problems, check_content=check_images)
-    return Records(CLASS_NAMES[:num_classes], np.asarray(labels, np.int32)[keep], root=data_dir,
-                   paths=[p for p, k in zip(paths, keep) if k], mode="RGB", dropped=dropped,
-                   dropped_reason=f"expression codes {num_classes}..10 are not in the "
-                                  f"{num_classes}-class protocol")
+    if boxes is not None and check_images:
+        _boxes_fit(data_dir, paths, boxes, wheres, keep, problems)
+    kwargs = dict(root=data_dir, paths=[p for p, k in zip(paths, keep) if k], mode="RGB",
+                  dropped=dropped, dropped_reason=f"expression codes {num_classes}..10 are not in "
+                                                  f"the {num_classes}-class protocol")
+    labels = np.asarray(labels, np.int32)[keep]
+    if boxes is None:
+        return Records(CLASS_NAMES[:num_classes], labels, **kwargs)
+    return FaceRecords(CLASS_NAMES[:num_classes], labels, **kwargs,
+                       boxes=np.asarray(boxes, np.int64).reshape(-1, 4)[keep])

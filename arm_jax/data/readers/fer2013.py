@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 
 from arm_jax.data.base import Problems, Records
+from arm_jax.data.classes import dataset_classes
 from arm_jax.data.readers import require
 from arm_jax.errors import DatasetError
 
-CLASS_NAMES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
-FERPLUS_CLASS_NAMES = ("neutral", "happiness", "surprise", "sadness", "anger", "disgust",
-                       "fear", "contempt")
+CLASS_NAMES = dataset_classes("fer2013")  # anger, disgust, fear, happiness, sadness, ...
+FERPLUS_CLASS_NAMES = dataset_classes("ferplus")
 USAGE = {"train": "Training", "val": "PublicTest", "test": "PrivateTest"}
 SIDE = 48
 CSV_NAMES = ("fer2013.csv", "icml_face_data.csv")

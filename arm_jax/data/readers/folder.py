@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from arm_jax.data.base import IMAGE_SUFFIXES, Problems, Records, check_image_paths
+from arm_jax.data.classes import canonical_name, canonical_names
 from arm_jax.data.readers import require
 from arm_jax.data.readers.fer2013 import CLASS_NAMES as FER_CLASS_NAMES
 from arm_jax.errors import DatasetError
@@ -15,7 +16,8 @@ from arm_jax.errors import DatasetError
 FOLDER_LAYOUT = ("  DATA_DIR/train/<class_name>/*.jpg|jpeg|png\n"
                  "  DATA_DIR/val/<class_name>/...   (optional: val uses test/ when absent)\n"
                  "  DATA_DIR/test/<class_name>/...\n"
-                 "Class names are the sorted folder names of train/.")
+                 "Classes are the sorted folder names of train/ (known spellings of an\n"
+                 "expression, e.g. 'Happy', are named canonically: 'happiness').")
 FER_FOLDER_HOW_TO_GET = ("The FER2013 folder release (train/ and test/ with one folder per "
                          "emotion) is a re-upload of Kaggle's \"Challenges in Representation "
                          "Learning: Facial Expression Recognition Challenge\" data. It has no "
@@ -26,17 +28,17 @@ FER_FOLDER_LAYOUT = ("  DATA_DIR/train/{angry,disgust,fear,happy,neutral,sad,sur
 
 def list_class_folder(split_dir: Path, class_names: tuple[str, ...] | None,
                       problems: Problems) -> tuple[list[str], list[str]]:
-    """(relative image paths, their class folder names) under split_dir/<class>/, sorted."""
+    """(relative image paths, their canonical class names) under split_dir/<class>/, sorted."""
     paths, classes = [], []
     for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
-        if class_names is not None and class_dir.name not in class_names:
+        if class_names is not None and canonical_name(class_dir.name) not in class_names:
             problems.add(class_dir, None, f"unknown label: class folder {class_dir.name!r} is not "
                                           f"one of {', '.join(class_names)}")
             continue
         for name in sorted(os.listdir(class_dir)):
             if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith("."):
                 paths.append(f"{split_dir.name}/{class_dir.name}/{name}")
-                classes.append(class_dir.name)
+                classes.append(canonical_name(class_dir.name))
     return paths, classes
 
 
@@ -50,9 +52,10 @@ def _records(data_dir, paths, labels, class_names, problems, mode, check_images)
 
 def read_folder(data_dir: Path, split: str, problems: Problems, *,
                 check_images: bool = True) -> Records:
-    """A generic labelled folder; class names are the sorted folder names of train/."""
+    """A generic labelled folder; classes: the sorted folder names of train/, named canonically."""
     train_dir = require(data_dir / "train", "folder", "A labelled image folder.", FOLDER_LAYOUT)
-    class_names = tuple(sorted(p.name for p in train_dir.iterdir() if p.is_dir()))
+    class_names = canonical_names(sorted(p.name for p in train_dir.iterdir() if p.is_dir()),
+                                  f"class folders of {train_dir}")
     if not class_names:
         raise DatasetError(f"{train_dir}: no class folders found.\nExpected layout:\n"
                            f"{FOLDER_LAYOUT}")

@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 
 from arm_jax.data.base import Problems, Records, check_image_paths
+from arm_jax.data.classes import dataset_classes
 from arm_jax.data.readers import require
 
 # Label file ids 1..7 in this order; label id = file id - 1.
-CLASS_NAMES = ("surprise", "fear", "disgust", "happiness", "sadness", "anger", "neutral")
+CLASS_NAMES = dataset_classes("raf_db")
 LABEL_FILE = Path("EmoLabel/list_patition_label.txt")  # sic: the release spells it so
 IMAGE_DIR = Path("Image/aligned")
 HOW_TO_GET = ("RAF-DB is distributed by its authors on request (Real-world Affective Faces "

@@ -17,13 +17,17 @@ from arm_jax.interop.convert import NAMINGS
 def convert(source: Path, destination: Path, class_names: str | None, image_size: int | None, naming: str) -> None:
     """Convert SOURCE to DESTINATION.
 
+    SOURCE `imagenet`: torchvision's ImageNet resnet18 (resnet18-f37072fd.pth), downloaded
+    once into $ARM_JAX_CACHE or ~/.cache/arm-jax ($ARM_JAX_IMAGENET_URL: another address).
+
     SOURCE a .pth/.pt/.safetensors file (torchvision resnet18, or a checkpoint of
     the authors' ARM code) -> DESTINATION an arm-jax model directory.
     SOURCE an arm-jax model directory or training workdir -> DESTINATION a
     .safetensors file that PyTorch code loads.
     """
+    from arm_jax.interop.downloads import resolve_weights
     from arm_jax.interop.jobs import convert_job
 
     names = tuple(name.strip() for name in class_names.split(",")) if class_names else None
-    message = convert_job(source, destination, class_names=names, image_size=image_size, naming=naming)
+    message = convert_job(resolve_weights(source), destination, class_names=names, image_size=image_size, naming=naming)
     click.echo(message)

@@ -26,7 +26,9 @@ def _default(name: str):
 @click.option("--workdir", type=click.Path(file_okay=False), default=_default("workdir"), show_default=True,
               help="Checkpoints, config.json and metrics.jsonl; an existing run here is resumed.")
 @click.option("--pretrained", default=_default("pretrained"), show_default=True,
-              help="torchvision resnet18 .pth/.safetensors for the backbone, or 'none'.")
+              help="Backbone weights: 'imagenet' (torchvision's resnet18, downloaded once into "
+                   "$ARM_JAX_CACHE or ~/.cache/arm-jax), a resnet18 .pth/.safetensors file, an "
+                   "arm-jax model or workdir, or 'none'.")
 @click.option("--epochs", type=int, default=_default("epochs"), show_default=True)
 @click.option("--batch-size", type=int, default=_default("batch_size"), show_default=True,
               help="Global batch over all devices and hosts.")
@@ -64,14 +66,15 @@ def _default(name: str):
 @click.option("--skip-bad", is_flag=True, help="Leave out unreadable records instead of stopping.")
 @click.option("--distributed", is_flag=True, help="Multi-host: call jax.distributed.initialize().")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(**options) -> None:
+@click.option("--verbose", is_flag=True, help="Debug messages, TFDS's own warnings included.")
+def train(verbose: bool, **options) -> None:
     """Train ARM-ResNet18; re-running with the same --workdir resumes.
 
     SIGINT/SIGTERM finish the current step, save a checkpoint and exit with 128+signal.
     """
     from arm_jax.training.loop import train as run_training
 
-    _log_to_stderr()
+    _log_to_stderr(verbose)
     # A UserError goes up to the `arm-jax` group, which prints it (exit code 2).
     summary = run_training(from_overrides(options))
     click.echo(json.dumps(summary))
@@ -79,14 +82,17 @@ def train(**options) -> None:
         sys.exit(128 + summary["signum"])
 
 
-def _log_to_stderr() -> None:
-    """The loop's one line per epoch on stderr; orbax/absl chatter stays at WARNING."""
+def _log_to_stderr(verbose: bool = False) -> None:
+    """The loop's one line per epoch on stderr; orbax/absl chatter stays at WARNING.
+
+    verbose: DEBUG, which also lets TFDS's warnings through (data.tfds_builders.quiet_tfds).
+    """
     logger = logging.getLogger("arm_jax")
     if not logger.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False  # some libraries give the root logger a handler too
 
 

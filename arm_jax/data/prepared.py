@@ -49,9 +49,10 @@ def _skipped(metadata, split: str) -> tuple[BadRecord, ...]:
 def open_prepared(dataset: str, data_dir: Path, split: str, *, skip_bad: bool = False,
                   tfds_data_dir=None, image_size_hint: int | None = None) -> LabelledSplit | None:
     """The prepared split if prepare ran on the current source files, else None."""
-    builder = tfds_builders.make_builder(dataset, data_dir, tfds_data_dir=tfds_data_dir)
-    if not builder.is_prepared():
-        return None
+    with tfds_builders.quiet_tfds():
+        builder = tfds_builders.make_builder(dataset, data_dir, tfds_data_dir=tfds_data_dir)
+        if not builder.is_prepared():
+            return None
     metadata = builder.info.metadata
     skipped = _skipped(metadata, split)
     if skipped and not skip_bad:
@@ -60,9 +61,10 @@ def open_prepared(dataset: str, data_dir: Path, split: str, *, skip_bad: bool = 
                            + "\n(prepared with --skip-bad; pass skip_bad=True / --skip-bad to "
                            "use the data without them, or fix the files)")
     dropped, reason = metadata["dropped"][split]
+    with tfds_builders.quiet_tfds():
+        source = builder.as_data_source(split=split)
     return PreparedSplit(f"{dataset}/{split}", tuple(metadata["class_names"]),
-                         np.asarray(metadata["labels"][split], np.int32),
-                         builder.as_data_source(split=split), metadata["mode"],
+                         np.asarray(metadata["labels"][split], np.int32), source, metadata["mode"],
                          image_size_hint, SplitReport(skipped, dropped, reason))
 
 
@@ -78,14 +80,15 @@ def prepare(dataset: str, data_dir: str | Path, *, tfds_data_dir: str | Path | N
         raise UserError("--dataset synthetic is drawn on the fly; there is nothing to prepare")
     sources.check_names(dataset, "train")
     data_dir = sources.data_dir_of(dataset, data_dir)
-    builder = tfds_builders.make_builder(dataset, data_dir, tfds_data_dir=tfds_data_dir,
-                                         skip_bad=skip_bad)
-    reused = builder.is_prepared()
-    if not reused:
-        import tensorflow_datasets as tfds
+    with tfds_builders.quiet_tfds():
+        builder = tfds_builders.make_builder(dataset, data_dir, tfds_data_dir=tfds_data_dir,
+                                             skip_bad=skip_bad)
+        reused = builder.is_prepared()
+        if not reused:
+            import tensorflow_datasets as tfds
 
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-            manual_dir=str(data_dir)))
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+                manual_dir=str(data_dir)))
     metadata = builder.info.metadata
     skipped = {s: len(metadata["skipped"][s]) for s in metadata["skipped"]}
     if reused and any(skipped.values()) and not skip_bad:

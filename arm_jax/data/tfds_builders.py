@@ -13,8 +13,10 @@ so equal to the raw reader's crop too.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import io
+import logging
 import os
 from pathlib import Path
 
@@ -30,6 +32,24 @@ from arm_jax.errors import DatasetError
 # Bump when what a prepared record holds changes (1.1.0: canonical class names, AffectNet's
 # CSV records are face crops).
 FORMAT_VERSION = "1.1.0"
+
+
+@contextlib.contextmanager
+def quiet_tfds():
+    """Silence TFDS's absl warnings on every open ('Variant folder ... has no
+    dataset_info.json', 'Using custom data configuration ...'): they describe our own
+    fingerprinted configs, not a problem. Shown when the arm_jax logger is at DEBUG
+    (`--verbose`)."""
+    absl_logger = logging.getLogger("absl")
+    if logging.getLogger("arm_jax").isEnabledFor(logging.DEBUG):
+        yield
+        return
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logger.setLevel(level)
 
 
 def _source_files(dataset: str, data_dir: Path) -> tuple[list[Path], list[Path]]:
@@ -106,7 +126,8 @@ class _SourceBuilder(tfds.core.GeneratorBasedBuilder):
 
     def __init__(self, *, dataset: str, skip_bad: bool = False, **kwargs):
         self._dataset, self._skip_bad = dataset, skip_bad
-        super().__init__(file_format="array_record", **kwargs)
+        with quiet_tfds():
+            super().__init__(file_format="array_record", **kwargs)
 
     # tfds pickles a builder as its constructor's arguments; ours has two more (grain
     # workers unpickle the data source, and with it the builder).

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from arm_jax.interop.convert import convert_for_model, infer_model_kwargs, load_state_dict
+from arm_jax.interop.downloads import resolve_weights
 from arm_jax.interop.model_files import load_any_model
 from arm_jax.models import ARMResNet18
 
@@ -15,7 +16,8 @@ from arm_jax.models import ARMResNet18
 def init_variables(model: ARMResNet18, rng: jax.Array, pretrained: str | Path | None = None) -> dict[str, Any]:
     """Fresh variables for `model`; with `pretrained`, the backbone comes from that file.
 
-    `pretrained` is a torchvision resnet18 (or authors') `.pth`/`.safetensors`
+    `pretrained` is "imagenet" (torchvision's resnet18, downloaded once into the cache),
+    a torchvision resnet18 (or authors') `.pth`/`.safetensors`
     file, or an arm-jax model directory or training workdir; only backbone
     parameters and BatchNorm statistics are taken, the ARM
     head and classifier keep their fresh initialisation (as the released code
@@ -25,8 +27,15 @@ def init_variables(model: ARMResNet18, rng: jax.Array, pretrained: str | Path | 
     variables = jax.jit(lambda key: model.init({"params": key}, x, train=False))(rng)
     if pretrained is None or str(pretrained).lower() == "none":
         return variables
+    return with_pretrained_backbone(variables, model, pretrained)
+
+
+def with_pretrained_backbone(variables: dict[str, Any], model: ARMResNet18,
+                             pretrained: str | Path) -> dict[str, Any]:
+    """`variables` of `model` with every backbone entry taken from `pretrained` (see above)."""
     flat = traverse_util.flatten_dict(variables)
-    for key, value in traverse_util.flatten_dict(_pretrained_variables(Path(pretrained), model)).items():
+    path = resolve_weights(pretrained)  # 'imagenet': torchvision's resnet18, cached
+    for key, value in traverse_util.flatten_dict(_pretrained_variables(path, model)).items():
         if key[1] == "backbone":
             flat[key] = jnp.asarray(value)
     return traverse_util.unflatten_dict(flat)

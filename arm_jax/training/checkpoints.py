@@ -28,7 +28,11 @@ _JSON_ITEMS = ("progress", "model")
 
 
 def _manager(directory: Path, keep: int, *, create: bool) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
+    # With several processes orbax synchronises each save with barriers named after the
+    # step; 'latest' and 'best' save the same step, so their barriers need distinct names.
+    multiprocessing = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=directory.name)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
+                                           multiprocessing_options=multiprocessing)
     return ocp.CheckpointManager(directory.absolute(), options=options,
                                  item_names=_ARRAY_ITEMS + _JSON_ITEMS)
 

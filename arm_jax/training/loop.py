@@ -53,12 +53,18 @@ class StopRequest:
     """SIGINT/SIGTERM set a flag; the loop finishes its step, saves and returns.
 
     A second signal gets the default behaviour (SIGINT: KeyboardInterrupt), so an impatient
-    user can still break out of a slow save.
+    user can still break out of a slow save. `after_step(step, stop)`, if given, runs after
+    every training step and may call `stop.request(signum)`: a stop at a known step (tests).
     """
 
-    def __init__(self):
+    def __init__(self, after_step=None):
         self.signum: int | None = None
         self._previous = {}
+        self.after_step = after_step
+
+    def request(self, signum: int) -> None:
+        """Stop as the signal `signum` would, without a signal."""
+        self.signum = signum
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -279,6 +285,8 @@ def train_epoch(run: Run, state, progress: dict, stop: StopRequest):
             state, step_metrics = run.train_step(state, run.par.put_batch(batch), run.step_key)
             batch_index += 1
             sums.push(step_metrics, epoch * run.steps_per_epoch + batch_index, epoch, batch_index, run)
+            if stop.after_step is not None:
+                stop.after_step(epoch * run.steps_per_epoch + batch_index, stop)
             if not run.compiled:
                 jax.block_until_ready(state)
                 run.compiled = True
@@ -315,15 +323,18 @@ def _tensorboard(config: TrainConfig, workdir: Path):
     return SummaryWriter(logdir=str(workdir / "tensorboard"))
 
 
-def train(config: TrainConfig) -> dict:
+def train(config: TrainConfig, *, after_step=None) -> dict:
     """Train (or resume training) as `config` says; returns a summary dict.
 
     The summary's 'status' is 'done', or 'interrupted' (with 'signal') after SIGINT/SIGTERM,
     in which case a checkpoint of the exact position (mid-epoch included) has been saved
-    and re-running with the same workdir continues bit for bit.
+    and re-running with the same workdir continues bit for bit. `after_step(step, stop)`
+    runs after each step; `stop.request(signal.SIGTERM)` there stops as SIGTERM would.
     """
     if config.distributed:
-        jax.distributed.initialize()
+        from arm_jax.training.distributed import initialize
+
+        initialize()
     started = time.perf_counter()
     writer = _tensorboard(config, Path(config.workdir))
     run, host_state, progress = _setup(config)
@@ -331,7 +342,7 @@ def train(config: TrainConfig) -> dict:
         raise UserError(f"{run.ckpt.root}: its step key differs from seed {config.seed}'s")
     state = run.par.put_state(host_state)
     last = {}
-    with StopRequest() as stop:
+    with StopRequest(after_step) as stop:
         try:
             while progress["epoch"] < config.epochs:
                 epoch = progress["epoch"]

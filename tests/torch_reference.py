@@ -1,11 +1,14 @@
 """PyTorch models for parity tests: torchvision's resnet18 layout and the released ARM code's semantics.
 
 Written from the facts in REFERENCE.md (torchvision is not importable beside
-the CPU torch build here); none of the authors' code is copied.
+the CPU torch build here); none of the authors' code is copied. Importing this module without PyTorch skips the
+test module that imports it (the suite still collects without PyTorch).
 """
 
-import torch
-from torch import nn
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
 
 
 class BasicBlock(nn.Module):
@@ -96,3 +99,19 @@ def randomise_batchnorm(model: nn.Module, generator: torch.Generator) -> None:
                 module.bias.copy_(0.2 * torch.randn(n, generator=generator))
                 module.running_mean.copy_(0.2 * torch.randn(n, generator=generator))
                 module.running_var.copy_(0.5 + torch.rand(n, generator=generator))
+
+
+def randomised_arm(seed: int = 0, *, image_size: int = 224, num_classes: int = 7) -> TorchARMResNet18:
+    """An authors'-layout ARM model with seeded weights and randomised BatchNorm, in eval mode."""
+    torch.manual_seed(seed)
+    model = TorchARMResNet18(num_classes=num_classes, image_size=image_size)
+    randomise_batchnorm(model, torch.Generator().manual_seed(seed))
+    return model.eval()
+
+
+def randomised_resnet(seed: int = 0, *, num_classes: int = 1000) -> TorchResNet18:
+    """torchvision's resnet18 layout with seeded weights and randomised BatchNorm, in eval mode."""
+    torch.manual_seed(seed)
+    model = TorchResNet18(num_classes=num_classes)
+    randomise_batchnorm(model, torch.Generator().manual_seed(seed))
+    return model.eval()

@@ -1,44 +1,52 @@
-"""Images/s of ARM-ResNet-18 in arm-jax and in the PyTorch reference model, in one run.
+"""Images/s of ARM-ResNet-18 in arm-jax and in the PyTorch reference model, interleaved in one process.
 
-    python scripts/benchmark_model.py [--batch 32] [--image-size 224] [--mode forward|train] [--steps 5]
+    python scripts/benchmark_model.py                      # CPU: forward + train, 112 and 224 px, batch 32, float32
+    python scripts/benchmark_model.py --image-size 224 --batch 32 --modes train --rounds 9
+    python scripts/benchmark_model.py --device gpu --batch 256 --image-size 224 --json out.json
 
 Run from the repository root (the PyTorch model is the one the parity tests
-build, tests/torch_reference.py). Both use float32 on whatever CPU/GPU JAX and
-PyTorch see; the ratio printed last is arm-jax / PyTorch.
+build, tests/torch_reference.py). Every contender is warmed up, then the steps
+run in turns (A, B, C, A, B, C, ...) so that a change in machine load hits all
+of them alike; each rate is the median over the rounds. The load average is
+printed with every measurement: on a shared machine PyTorch slows ~4x under
+contention and JAX ~2x, so compare numbers from one quiet run only.
+
+CPU: arm-jax float32 against PyTorch float32 (default NCHW and channels_last),
+PyTorch with as many threads as cores. GPU: arm-jax bfloat16 and float32
+against PyTorch float32, AMP (bfloat16 autocast) and, where it works,
+torch.compile of the AMP model; all PyTorch variants channels_last with
+cudnn.benchmark. The training step is the same in both: forward in training
+mode, softmax cross-entropy, backward, Adam with weight decay.
 """
 
 import argparse
+import json
 import os
+import sys
 import time
+from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ and arm_jax from a checkout
 
-from arm_jax.interop.pretrained import init_variables
-from arm_jax.models import ARMResNet18
-from tests.torch_reference import TorchARMResNet18
+import arm_jax  # noqa: E402,F401  (sets XLA_FLAGS before JAX starts its backend)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
 
+from arm_jax.interop.pretrained import init_variables  # noqa: E402
+from arm_jax.models import ARMResNet18  # noqa: E402
 
-def median_rate(run, batch: int, steps: int) -> float:
-    """Images/s: the median over `steps` timed calls after two warm-ups."""
-    run()
-    run()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return batch / float(np.median(times))
+NUM_CLASSES = 7
 
 
-def jax_runner(mode: str, batch: int, size: int):
-    model = ARMResNet18(num_classes=7, image_size=size)
+def jax_runner(mode: str, batch: int, size: int, dtype_name: str):
+    """A callable running one forward pass or training step of arm-jax, blocking until done."""
+    dtype = jnp.dtype(dtype_name)
+    model = ARMResNet18(num_classes=NUM_CLASSES, image_size=size, dtype=dtype)
     variables = init_variables(model, jax.random.key(0))
-    x = jax.random.normal(jax.random.key(1), (batch, size, size, 3))
-    labels = jnp.arange(batch) % 7
+    x = jax.random.normal(jax.random.key(1), (batch, size, size, 3)).astype(dtype)
+    labels = jnp.arange(batch) % NUM_CLASSES
     if mode == "forward":
         forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
         return lambda: forward(variables, x).block_until_ready()
@@ -49,7 +57,8 @@ def jax_runner(mode: str, batch: int, size: int):
     def step(variables, opt_state, x):
         def loss(params):
             logits, updates = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats", "gar"])
-            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+            return losses.mean(), updates
 
         (_, updates), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
         changes, opt_state = optimizer.update(grads, opt_state, variables["params"])
@@ -62,46 +71,147 @@ def jax_runner(mode: str, batch: int, size: int):
     return run
 
 
-def torch_runner(mode: str, batch: int, size: int):
+def torch_runner(mode: str, batch: int, size: int, variant: str, device: str):
+    """A callable for the PyTorch model; variant: 'float32', 'float32-cl', 'amp-bf16', 'compile-amp-bf16'."""
+    import torch
+
+    from tests.torch_reference import TorchARMResNet18
+
     torch.manual_seed(0)
-    model = TorchARMResNet18(num_classes=7, image_size=size)
-    x = torch.randn(batch, 3, size, size)
-    labels = torch.arange(batch) % 7
+    model = TorchARMResNet18(num_classes=NUM_CLASSES, image_size=size).to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    labels = (torch.arange(batch) % NUM_CLASSES).to(device)
+    if variant != "float32":
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    amp = "amp" in variant
+    net = torch.compile(model) if variant.startswith("compile") else model
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def autocast():
+        return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=amp)
+
     if mode == "forward":
         model.eval()
 
-        def run():
-            with torch.no_grad():
-                model(x)
+        def run_forward():
+            with torch.no_grad(), autocast():
+                net(x)
+            sync()
 
-        return run
+        return run_forward
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
 
-    def run():
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), labels).backward()
+    def run_train():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            loss = torch.nn.functional.cross_entropy(net(x).float(), labels)
+        loss.backward()
         optimizer.step()
+        sync()
 
-    return run
+    return run_train
+
+
+def contenders(args) -> dict[str, tuple]:
+    """name -> (framework, variant): what this call compares."""
+    if args.device == "gpu":
+        jax_dtypes = args.dtype or ["bfloat16", "float32"]
+        torch_variants = ["float32-cl", "amp-bf16"] + ([] if args.no_compile else ["compile-amp-bf16"])
+    else:
+        jax_dtypes = args.dtype or ["float32"]
+        torch_variants = ["float32", "float32-cl"]
+    found = {f"arm-jax {d}": ("jax", d) for d in jax_dtypes}
+    if not args.no_torch:
+        found.update({f"PyTorch {v}": ("torch", v) for v in torch_variants})
+    return found
+
+
+def interleaved_rates(runners: dict, batch: int, rounds: int, warmup: int, inner: int) -> dict[str, float]:
+    """Images/s per runner: warm each up, then time them in turns; median over `rounds` turns of `inner` calls."""
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    times = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            for _ in range(inner):
+                run()
+            times[name].append((time.perf_counter() - start) / inner)
+    return {name: batch / float(np.median(t)) for name, t in times.items()}
+
+
+def build_runners(args, mode: str, size: int) -> dict:
+    runners = {}
+    torch_device = "cuda" if args.device == "gpu" else "cpu"
+    for name, (framework, variant) in contenders(args).items():
+        try:
+            if framework == "jax":
+                runners[name] = jax_runner(mode, args.batch, size, variant)
+            else:
+                runners[name] = torch_runner(mode, args.batch, size, variant, torch_device)
+            runners[name]()  # compile now, so that a contender that cannot run is dropped, not fatal
+        except Exception as error:  # torch.compile needs a compiler toolchain some machines lack
+            print(f"  {name}: skipped ({type(error).__name__}: {str(error).splitlines()[0][:120]})")
+            runners.pop(name, None)
+    return runners
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--mode", choices=("forward", "train"), default="forward")
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--image-size", type=int, nargs="+", default=[112, 224])
+    parser.add_argument("--modes", nargs="+", choices=("forward", "train"), default=["forward", "train"])
+    parser.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16"), help="arm-jax compute dtypes")
+    parser.add_argument("--rounds", type=int, default=7, help="timed turns per contender (median)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--inner", type=int, default=None, help="calls per turn (default 1 on CPU, 10 on GPU)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="PyTorch CPU threads")
+    parser.add_argument("--no-torch", action="store_true", help="arm-jax only")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
-    print(f"{args.mode} pass, batch {args.batch}, {args.image_size}x{args.image_size}, float32; "
-          f"JAX on {jax.devices()[0].device_kind} ({jax.default_backend()}), PyTorch {torch.__version__} "
-          f"with {torch.get_num_threads()} threads; {os.cpu_count()} CPU cores")
-    jax_rate = median_rate(jax_runner(args.mode, args.batch, args.image_size), args.batch, args.steps)
-    torch_rate = median_rate(torch_runner(args.mode, args.batch, args.image_size), args.batch, args.steps)
-    print(f"arm-jax : {jax_rate:8.1f} images/s")
-    print(f"PyTorch : {torch_rate:8.1f} images/s")
-    print(f"ratio   : {jax_rate / torch_rate:8.2f} (arm-jax / PyTorch)")
+    inner = args.inner or (10 if args.device == "gpu" else 1)
+    header = {
+        "jax_device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
+        "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "cpu_cores": os.cpu_count(),
+        "batch": args.batch,
+    }
+    if not args.no_torch:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        torch.backends.cudnn.benchmark = True
+        header.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+    print("; ".join(f"{k}={v}" for k, v in header.items()))
+    results = []
+    for size in args.image_size:
+        for mode in args.modes:
+            runners = build_runners(args, mode, size)
+            load_before = os.getloadavg()[0]
+            rates = interleaved_rates(runners, args.batch, args.rounds, args.warmup, inner)
+            load_after = os.getloadavg()[0]
+            print(f"{mode}, {size}x{size}, batch {args.batch}  (load average {load_before:.2f} -> {load_after:.2f}, "
+                  f"{args.rounds} interleaved rounds of {inner})")
+            reference = next((rates[n] for n in rates if n.startswith("PyTorch")), None)
+            for name, rate in rates.items():
+                ratio = f"  {rate / reference:5.2f}x first PyTorch" if reference else ""
+                print(f"  {name:28s} {rate:9.1f} images/s{ratio}")
+            jax_names = [n for n in rates if n.startswith("arm-jax")]
+            for jax_name in jax_names:
+                for torch_name in (n for n in rates if n.startswith("PyTorch")):
+                    print(f"  ratio {jax_name} / {torch_name}: {rates[jax_name] / rates[torch_name]:.2f}")
+            results.append({"mode": mode, "image_size": size, "images_per_s": rates,
+                            "load_average": [load_before, load_after]})
+            del runners
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({**header, "results": results}, indent=1))
 
 
 if __name__ == "__main__":

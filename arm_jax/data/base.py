@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 SPLITS = ("train", "val", "test")
+# Far above any face image (AffectNet's largest are ~12 Mpx), far below what would exhaust
+# memory: a 20000x20000 PNG (a decompression bomb, 380 KB on disk) is refused from its header.
+MAX_IMAGE_PIXELS = 50_000_000
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _SHOWN_PROBLEMS = 5  # how many bad records an error message lists before "... and N more"
 
@@ -116,8 +119,25 @@ def _ends_cleanly(path: Path, head: bytes) -> bool:
     return True  # other formats: the header parse below is all we check cheaply
 
 
+class ImageTooLarge(ValueError):
+    """An image with more pixels than MAX_IMAGE_PIXELS (a decompression bomb, or not a face)."""
+
+
+def open_image(source: Path | bytes) -> Image.Image:
+    """PIL's lazy open (header only) of a path or bytes, refusing images over the pixel limit."""
+    try:
+        im = Image.open(source if isinstance(source, Path) else io.BytesIO(source))
+    except Image.DecompressionBombError as e:  # not an OSError: callers would miss it
+        raise ImageTooLarge(f"too many pixels ({e})") from None
+    width, height = im.size
+    if width * height > MAX_IMAGE_PIXELS:
+        im.close()
+        raise ImageTooLarge(f"{width}x{height} pixels, more than the limit of {MAX_IMAGE_PIXELS:,}")
+    return im
+
+
 def image_problem(path: Path) -> str | None:
-    """Why an image file is unusable (missing, empty, not an image, truncated), or None.
+    """Why an image file is unusable (missing, empty, not an image, truncated, too large), or None.
 
     Cheap: reads the header and the last bytes. A file that fails the end-marker test
     gets a full decode before it is called bad, so odd-but-valid files are kept.
@@ -127,21 +147,37 @@ def image_problem(path: Path) -> str | None:
             head = f.read(16)
         if not head:
             return "image file is empty"
-        with Image.open(path) as im:
-            im.size  # noqa: B018 -- the header parse is the check
+        open_image(path).close()  # the header parse (and the pixel limit) is the check
         if not _ends_cleanly(path, head):
             decode_image(path, "RGB")
     except FileNotFoundError:
         return "image file is missing"
+    except ImageTooLarge as e:
+        return f"image is too large ({e})"
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         return f"image file is corrupt ({type(e).__name__}: {e})"
     return None
 
 
+def _eight_bit(im: Image.Image) -> Image.Image:
+    """16-bit and float gray images as 8-bit gray; PIL's convert would clip them at 255."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        values = np.asarray(im, dtype=np.float64)
+        scale = 257.0 if values.max(initial=0) > 255 or im.mode.startswith("I;16") else 1.0
+        return Image.fromarray(np.clip(np.rint(values / scale), 0, 255).astype(np.uint8), "L")
+    if im.mode == "F":
+        return Image.fromarray(np.clip(np.rint(np.nan_to_num(np.asarray(im))), 0, 255).astype(np.uint8), "L")
+    return im
+
+
 def decode_image(source: Path | bytes, mode: str, size: int | None = None) -> np.ndarray:
-    """Decode a JPEG/PNG (path or bytes) to uint8 (H, W, C); resize to size x size if given."""
-    with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as im:
-        im = im.convert(mode)
+    """Decode a JPEG/PNG (path or bytes) to uint8 (H, W, C); resize to size x size if given.
+
+    Any PIL mode (gray, palette, CMYK, alpha, 16-bit) becomes `mode` ("RGB" or "L");
+    ImageTooLarge (a ValueError) for images over MAX_IMAGE_PIXELS, before decoding.
+    """
+    with open_image(source) as im:
+        im = _eight_bit(im).convert(mode)
         if size is not None and im.size != (size, size):
             im = im.resize((size, size), Image.BILINEAR)
         array = np.asarray(im, dtype=np.uint8)

@@ -13,6 +13,9 @@ steps, and a run needs both (resume from the newest, evaluate the best).
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
 from pathlib import Path
 
 import jax
@@ -22,7 +25,12 @@ import orbax.checkpoint as ocp
 from arm_jax.errors import UserError
 from arm_jax.training.state import TrainState
 
+log = logging.getLogger(__name__)
+
 KINDS = ("latest", "best")
+# Errors of a write that found no room (full disk, quota, file-size limit).
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_NO_SPACE_TEXT = ("No space left on device", "Disk quota exceeded", "File too large")
 _ARRAY_ITEMS = ("variables", "optimizer")
 _JSON_ITEMS = ("progress", "model")
 
@@ -47,7 +55,12 @@ class Checkpoints:
 
     def __init__(self, workdir: str | Path, *, keep: int = 3):
         self.root = Path(workdir) / "checkpoints"
-        self.latest = _manager(self.root / "latest", keep, create=True)
+        self.keep = keep
+        self._open()
+        self._writing: dict[str, int] = {}  # kind -> step of a save that may be in flight
+
+    def _open(self) -> None:
+        self.latest = _manager(self.root / "latest", self.keep, create=True)
         self.best = _manager(self.root / "best", 1, create=True)
 
     def save(self, host_state: TrainState, progress: dict, model_info: dict, *,
@@ -60,48 +73,121 @@ class Checkpoints:
         items = {name: ocp.args.StandardSave(tree) for name, tree in _split(host_state).items()}
         items["progress"] = ocp.args.JsonSave(progress)
         items["model"] = ocp.args.JsonSave(model_info)
-        manager.save(step, args=ocp.args.Composite(**items))
+        try:  # a save also finishes the previous one, whose error surfaces here
+            manager.save(step, args=ocp.args.Composite(**items))
+        except Exception as err:
+            self._raise_if_no_space(err, kind, step)
+            raise
+        self._writing[kind] = step
         return True
 
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
 
     def restore_latest(self, target: TrainState) -> tuple[TrainState, dict] | None:
-        """The newest checkpoint as (numpy state, progress), or None if there is none.
+        """The newest intact checkpoint as (numpy state, progress), or None if there is none.
 
         `target` (a state of the same structure, e.g. freshly initialised) gives the tree
-        structure: without it orbax returns optax's named tuples as lists.
+        structure: without it orbax returns optax's named tuples as lists. Newer checkpoints
+        that do not restore (incomplete, truncated, garbage JSON) are skipped with a warning
+        and set aside as `<step>.corrupt`, so the resumed run can save those steps again.
         """
-        step = self.latest.latest_step()
-        if step is None:
-            return None
         host_target = jax.tree.map(np.asarray, _split(target))
         items = {name: ocp.args.StandardRestore(tree) for name, tree in host_target.items()}
         items["progress"] = ocp.args.JsonRestore()
-        restored = _restore(self.latest, step, items, self.root / "latest" / str(step))
-        optimizer = restored["optimizer"]
-        state = TrainState(step=optimizer["step"], opt_state=optimizer["opt_state"],
-                           **restored["variables"])
-        return state, restored["progress"]
+        failures = []
+        for step in sorted(self.latest.all_steps(), reverse=True):
+            where = self.root / "latest" / str(step)
+            try:
+                restored = self.latest.restore(step, args=ocp.args.Composite(**items))
+                progress = restored["progress"]
+                if not isinstance(progress, dict) or "epoch" not in progress:
+                    raise ValueError("its 'progress' item is not a training position")
+            except Exception as err:  # orbax raises many types (ValueError, KeyError, OSError...)
+                log.warning("%s: skipped, cannot restore it (%s); trying the one before", where,
+                            _describe(err))
+                failures.append((where, err))
+                continue
+            self._set_aside([w for w, _ in failures], after_step=step)
+            optimizer = restored["optimizer"]
+            state = TrainState(step=optimizer["step"], opt_state=optimizer["opt_state"],
+                               **restored["variables"])
+            return state, progress
+        if failures:
+            where, err = failures[0]
+            raise UserError(f"{self.root / 'latest'}: no intact checkpoint: all {len(failures)} are "
+                            f"incomplete, corrupt or from an incompatible model/optimizer (newest, "
+                            f"{where.name}: {_describe(err)})") from err
+        return None
+
+    def _set_aside(self, corrupt: list[Path], *, after_step: int) -> None:
+        """Rename corrupt 'latest' steps and 'best' steps newer than the resumed one out of
+        orbax's sight (orbax silently skips saving a step at or below its newest)."""
+        newer_best = [self.root / "best" / str(s) for s in self.best.all_steps() if s > after_step]
+        if not corrupt and not newer_best:
+            return
+        if jax.process_index() == 0:
+            for path in corrupt + newer_best:
+                aside = _free_name(path, "corrupt" if path in corrupt else "superseded")
+                os.replace(path, aside)
+                log.warning("%s: set aside as %s", path, aside.name)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("arm_jax checkpoints set aside")
+        self.close()
+        self._open()
 
     def wait(self) -> None:
         """Block until asynchronous saves are on disk."""
-        self.latest.wait_until_finished()
-        self.best.wait_until_finished()
+        for kind, manager in (("latest", self.latest), ("best", self.best)):
+            try:
+                manager.wait_until_finished()
+            except Exception as err:
+                self._raise_if_no_space(err, kind, self._writing.get(kind))
+                raise
 
     def close(self) -> None:
         self.latest.close()
         self.best.close()
 
+    def _raise_if_no_space(self, err: BaseException, kind: str, step: int | None) -> None:
+        """A save that failed for want of space: a UserError naming the checkpoint."""
+        if not _is_no_space(err):
+            return
+        where = self.root / kind / (str(step) if step is not None else "")
+        older = [s for s in getattr(self, kind).all_steps() if s != step]
+        kept = (f"older checkpoints (steps {', '.join(map(str, sorted(older)))}) are intact"
+                if older else "no older checkpoint exists")
+        raise UserError(f"{where}: no space left on the device while saving this checkpoint "
+                        f"({_describe(err)}); {kept}. Free space (or move --workdir) and run the "
+                        "same command again to resume") from err
 
-def _restore(manager: ocp.CheckpointManager, step: int, items: dict, where: Path) -> dict:
-    """manager.restore, with any failure reported as the user's (corrupt/incompatible) file."""
-    try:
-        return manager.restore(step, args=ocp.args.Composite(**items))
-    except Exception as err:  # orbax raises many types (ValueError, KeyError, FileNotFound...)
-        raise UserError(f"{where}: cannot restore this checkpoint: it is incomplete, corrupt or "
-                        f"from an incompatible model/optimizer ({type(err).__name__}: "
-                        f"{str(err)[:300]})") from err
+
+def _is_no_space(err: BaseException | None) -> bool:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _NO_SPACE:
+            return True
+        if any(text in str(err) for text in _NO_SPACE_TEXT):  # tensorstore's errors carry no errno
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _describe(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:300]}"
+
+
+def _free_name(path: Path, suffix: str) -> Path:
+    aside = path.with_name(f"{path.name}.{suffix}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.{suffix}{n}")
+    return aside
 
 
 def _locate(path: str | Path, which: str) -> tuple[Path, int | None]:
@@ -121,40 +207,85 @@ def _locate(path: str | Path, which: str) -> tuple[Path, int | None]:
     return path, None
 
 
-def read_model_info(path: str | Path, which: str = "best") -> tuple[Path, int, dict]:
-    """(step directory, step, the 'model' JSON item) of the checkpoint at `path`."""
+def _steps_to_try(path: str | Path, which: str) -> list[tuple[Path, int]]:
+    """(manager directory, step), newest first: the one step asked for, or every step of
+    `which` (then, for 'best', of 'latest') when a directory of checkpoints is given."""
     directory, step = _locate(path, which)
-    manager = _manager(directory, 1, create=False)
-    step = manager.latest_step() if step is None else step
-    if step is None:
+    if step is not None:
+        return [(directory, step)]
+    directories = [directory]
+    if which == "best" and directory.name == "best":
+        directories.append(directory.parent / "latest")  # if no best is intact, the newest
+    found = [(d, int(p.name)) for d in directories if d.is_dir() for p in d.iterdir()
+             if p.name.isdigit() and p.is_dir()]  # orbax's finished step directories
+    found.sort(key=lambda item: (item[0] != directory, -item[1]))
+    if not found:
         raise UserError(f"{directory}: holds no checkpoint (looked for '{which}' under {path})")
-    where = directory / str(step)
-    info = _restore(manager, step, {"model": ocp.args.JsonRestore()}, where)["model"]
+    return found
+
+
+def _first_intact(path: str | Path, which: str, load):
+    """load(directory, step) for the newest step that loads; older ones are fallbacks.
+
+    A step that fails is skipped with a warning naming it; if none loads, the newest's
+    error is the user's.
+    """
+    candidates = _steps_to_try(path, which)
+    first_error = None
+    for directory, step in candidates:
+        where = directory / str(step)
+        try:
+            return load(directory, step)
+        except Exception as err:  # orbax raises many types (ValueError, KeyError, OSError...)
+            if len(candidates) > 1:
+                log.warning("%s: skipped, cannot restore it (%s); trying an older checkpoint",
+                            where, _describe(err))
+            if first_error is None:
+                first_error = (where, err)
+    where, err = first_error
+    reason = f"{_describe(err)}" if len(candidates) == 1 else \
+        f"none of its {len(candidates)} checkpoints restores; the newest: {_describe(err)}"
+    raise UserError(f"{where}: cannot restore this checkpoint: it is incomplete, corrupt or from "
+                    f"an incompatible model/optimizer ({reason})") from err
+
+
+def _read_info(directory: Path, step: int) -> dict:
+    manager = _manager(directory, 1, create=False)
+    info = manager.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore()))["model"]
     if not isinstance(info, dict) or "architecture" not in info or "class_names" not in info:
-        raise UserError(f"{where}: its 'model' item lacks architecture/class_names")
-    return where, step, info
+        raise ValueError("its 'model' item lacks architecture/class_names")
+    return info
+
+
+def read_model_info(path: str | Path, which: str = "best") -> tuple[Path, int, dict]:
+    """(step directory, step, the 'model' JSON item) of the newest readable checkpoint."""
+    return _first_intact(path, which, lambda d, step: (d / str(step), step, _read_info(d, step)))
 
 
 def load_model_from_checkpoint(path: str | Path, which: str = "best"):
-    """Rebuild a trained model from its checkpoint alone.
+    """Rebuild a trained model from its checkpoint alone (the newest intact one).
 
     Args:
       path: a workdir, its checkpoints/ directory, checkpoints/<which>, or one step's
         directory inside it.
-      which: 'best' (highest validation WA) or 'latest'.
+      which: 'best' (highest validation WA; falls back to 'latest') or 'latest'.
     Returns:
       (architecture dict for ARMResNet18(**architecture), class_names list, variables
       {'params', 'batch_stats', 'gar'} as jax arrays).
     """
     from arm_jax.models import ARMResNet18
 
-    where, step, info = read_model_info(path, which)
-    try:
-        model = ARMResNet18(**info["architecture"])
-    except TypeError as err:
-        raise UserError(f"{where}: unknown architecture fields ({err})") from err
-    x = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), np.float32)
-    abstract = jax.eval_shape(lambda x: model.init({"params": jax.random.key(0)}, x, train=False), x)
-    manager = _manager(where.parent, 1, create=False)
-    restored = _restore(manager, step, {"variables": ocp.args.StandardRestore(abstract)}, where)
-    return dict(info["architecture"]), list(info["class_names"]), restored["variables"]
+    def load(directory: Path, step: int):
+        info = _read_info(directory, step)
+        try:
+            model = ARMResNet18(**info["architecture"])
+        except TypeError as err:
+            raise ValueError(f"unknown architecture fields ({err})") from err
+        x = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), np.float32)
+        abstract = jax.eval_shape(lambda x: model.init({"params": jax.random.key(0)}, x, train=False), x)
+        manager = _manager(directory, 1, create=False)
+        restored = manager.restore(step, args=ocp.args.Composite(
+            variables=ocp.args.StandardRestore(abstract)))
+        return dict(info["architecture"]), list(info["class_names"]), restored["variables"]
+
+    return _first_intact(path, which, load)

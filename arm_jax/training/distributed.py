@@ -66,3 +66,53 @@ def initialize(*, heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S,
                         f"{str(err).splitlines()[0][:300]}") from err
     log.info("process %d of %d (%d local devices, %d in all)", jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+# What a collective or barrier says when a peer process is gone.
+_PEER_LOST = ("Gloo", "Connection reset", "Connection closed", "heartbeat", "unhealthy", "Broken pipe",
+              "barrier", "Barrier")
+
+
+def lost_peer_message(err: BaseException) -> str | None:
+    """A one-line message if `err` says another process of the run is gone, else None.
+
+    The coordination service knows which processes still send heartbeats; asking it waits
+    for the surviving processes (which hit the same error), at most `HEARTBEAT_TIMEOUT_S`.
+    """
+    if jax.process_count() < 2:
+        return None
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    if not any(word in str(e) for e in chain for word in _PEER_LOST):
+        return None
+    lost = _lost_processes()
+    who = (f"process{'es' if len(lost) > 1 else ''} {', '.join(map(str, lost))} of the run stopped"
+           if lost else "another process of the run stopped or cannot be reached")
+    first = " ".join(str(chain[0]).split())[:200]
+    return (f"process {jax.process_index()} of {jax.process_count()}: {who} ({type(chain[0]).__name__}: "
+            f"{first}); stopping. Relaunch all {jax.process_count()} processes with the same command "
+            "to resume from the last checkpoint")
+
+
+def _lost_processes() -> list[int]:
+    """Processes the coordination service no longer counts as alive ([] if it cannot say)."""
+    import concurrent.futures
+
+    from jax._src import distributed as jax_distributed  # the runtime client (no public API)
+
+    client = jax_distributed.global_state.client
+    everyone = list(range(jax.process_count()))
+    if client is None:
+        return []
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        alive = pool.submit(client.get_live_nodes, everyone).result(timeout=HEARTBEAT_TIMEOUT_S)
+    except Exception:  # noqa: BLE001 -- the coordinator itself may be the lost process
+        return []
+    finally:
+        pool.shutdown(wait=False)
+    alive = set(alive) if not isinstance(alive, dict) else set(alive)
+    return [p for p in everyone if p not in alive]

@@ -331,10 +331,25 @@ def train(config: TrainConfig, *, after_step=None) -> dict:
     and re-running with the same workdir continues bit for bit. `after_step(step, stop)`
     runs after each step; `stop.request(signal.SIGTERM)` there stops as SIGTERM would.
     """
+    from arm_jax.training.workdir_lock import workdir_lock
+
     if config.distributed:
         from arm_jax.training.distributed import initialize
 
         initialize()
+    with workdir_lock(config.workdir, enabled=jax.process_index() == 0):
+        try:
+            return _train(config, after_step)
+        except Exception as err:
+            if config.distributed:  # a lost peer: say which, instead of a collective's traceback
+                from arm_jax.training.distributed import lost_peer_message
+
+                if message := lost_peer_message(err):
+                    raise UserError(message) from err
+            raise
+
+
+def _train(config: TrainConfig, after_step) -> dict:
     started = time.perf_counter()
     writer = _tensorboard(config, Path(config.workdir))
     run, host_state, progress = _setup(config)

@@ -11,10 +11,14 @@ from arm_jax.interop.convert import NAMINGS
 @click.argument("source", type=click.Path(path_type=Path))
 @click.argument("destination", type=click.Path(path_type=Path))
 @click.option("--class-names", default=None, help="Comma-separated class names, in label order.")
+@click.option("--model-classes", default=None,
+              help="Instead of --class-names: the data set whose class order the model was trained in "
+                   "(fer2013, ferplus, raf_db, affectnet7, affectnet8, ...).")
 @click.option("--image-size", type=int, default=None, help="Input size the model is run at (default: inferred, 224).")
 @click.option("--naming", type=click.Choice(NAMINGS), default="authors", show_default=True,
               help="Key names when exporting to .safetensors.")
-def convert(source: Path, destination: Path, class_names: str | None, image_size: int | None, naming: str) -> None:
+def convert(source: Path, destination: Path, class_names: str | None, model_classes: str | None,
+            image_size: int | None, naming: str) -> None:
     """Convert SOURCE to DESTINATION.
 
     SOURCE `imagenet`: torchvision's ImageNet resnet18 (resnet18-f37072fd.pth), downloaded
@@ -25,9 +29,10 @@ def convert(source: Path, destination: Path, class_names: str | None, image_size
     SOURCE an arm-jax model directory or training workdir -> DESTINATION a
     .safetensors file that PyTorch code loads.
     """
+    from arm_jax.data.classes import given_class_names
     from arm_jax.interop.downloads import resolve_weights
     from arm_jax.interop.jobs import convert_job
 
-    names = tuple(name.strip() for name in class_names.split(",")) if class_names else None
+    names = given_class_names(class_names or None, model_classes)
     message = convert_job(resolve_weights(source), destination, class_names=names, image_size=image_size, naming=naming)
     click.echo(message)

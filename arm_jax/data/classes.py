@@ -79,3 +79,15 @@ def dataset_classes(dataset: str) -> tuple[str, ...]:
 def parse_class_names(text: str) -> tuple[str, ...]:
     """'angry, happy,...' (the --class-names option) as canonical names."""
     return canonical_names([part for part in text.split(",")], "--class-names")
+
+
+def given_class_names(class_names: str | Iterable[str] | None,
+                      model_classes: str | None) -> tuple[str, ...] | None:
+    """Names for a model without them: --class-names 'a,b,...', or --model-classes DATASET."""
+    if class_names is not None and model_classes is not None:
+        raise UserError("give --class-names or --model-classes, not both")
+    if model_classes is not None:
+        return dataset_classes(model_classes)
+    if isinstance(class_names, str):
+        return parse_class_names(class_names)
+    return None if class_names is None else canonical_names(class_names, "--class-names")

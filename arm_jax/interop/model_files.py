@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from arm_jax.data.classes import canonical_names
 from arm_jax.interop.convert import convert_for_model, expected_shapes, infer_model_kwargs, load_state_dict
 from arm_jax.errors import UserError
 from arm_jax.models import ARCHITECTURE_FIELDS, ARMResNet18, architecture
@@ -25,11 +26,19 @@ WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A network, its variables and the names of its classes (None where the file had none)."""
+    """A network, its variables and the canonical names of its classes (None where the file had none).
+
+    Names are canonical (arm_jax.data.classes): a checkpoint that says "angry" loads as "anger",
+    so predictions print one vocabulary and evaluation can match classes across data sets.
+    """
 
     model: ARMResNet18
     variables: dict[str, Any]
     class_names: tuple[str, ...] | None
+
+    def __post_init__(self):
+        if self.class_names is not None:
+            object.__setattr__(self, "class_names", canonical_names(self.class_names, "the model's classes"))
 
     def named(self, class_names: tuple[str, ...], what: str) -> "LoadedModel":
         """This model with `class_names` where it had none; they must fit its classes."""

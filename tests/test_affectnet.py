@@ -103,3 +103,16 @@ def test_prepare_stores_the_crops(tmp_path, rng):
                                               "validation": rows[:1]})
     with pytest.raises(DatasetError, match="training.csv:6: invalid face box 0,0,0,9"):
         prepare("affectnet8", tmp_path / "bad", tfds_data_dir=tmp_path / "tfds")
+
+
+def test_loader_augments_crops_then_stages_them(tmp_path, rng):
+    """Crops of several sizes go through flip/noise at their own size, then to one staging size."""
+    from arm_jax.data import make_loader
+
+    rows = rows_with_margins(rng)
+    fx.write_affectnet_csv(tmp_path, {"training": rows, "validation": rows[:1]})
+    split = raw("affectnet8", tmp_path, "train", image_size_hint=decode_size_hint("affectnet8", 48))
+    assert len({split[i]["image"].shape for i in range(len(split))}) == 4  # native crop sizes
+    batches = list(make_loader(split, batch_size=2, seed=0, epoch=0, train=True, image_size=48))
+    assert [b["image"].shape for b in batches] == [(2, 48, 48, 3)] * 2
+    assert sorted(np.concatenate([b["label"] for b in batches]).tolist()) == [0, 1, 2, 3]

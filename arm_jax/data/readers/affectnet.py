@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import os
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from arm_jax.data.base import (IMAGE_SUFFIXES, FileSplit, Problems, Records, SplitReport,
-                               check_image_paths, contained_path)
+                               check_image_paths, contained_path, decode_image)
 from arm_jax.data.classes import dataset_classes
 from arm_jax.data.readers import require
 from arm_jax.errors import DatasetError
@@ -56,7 +55,7 @@ def layout_of(data_dir: Path) -> str:
 
 def _code(text: str, where, problems) -> int | None:
     """The expression code 0..10 in text, or None (recorded as a bad record)."""
-    if text.isdigit() and int(text) < ALL_CODES:
+    if text.isascii() and text.isdigit() and int(text) < ALL_CODES:  # not '²'
         return int(text)
     problems.add(*where, f"unknown expression {text!r} (expected 0..{ALL_CODES - 1})")
     return None
@@ -94,19 +93,21 @@ def clip_box(box, width: int, height: int) -> tuple[int, int, int, int] | None:
 
 def face_crop(source: Path | bytes, box, mode: str) -> np.ndarray:
     """Decode an image, crop it to box (clipped), cap its side at CROP_MAX_SIDE: uint8 HxWxC."""
-    with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as im:
-        corners = clip_box(box, *im.size)
-        if corners is None:
-            raise ValueError(f"face box {','.join(map(str, box))} lies outside the "
-                             f"{im.size[0]}x{im.size[1]} image")
-        crop = im.crop(corners).convert(mode)
-    side = max(crop.size)
-    if side > CROP_MAX_SIDE:
-        scale = CROP_MAX_SIDE / side
-        crop = crop.resize((max(1, round(crop.size[0] * scale)),
-                            max(1, round(crop.size[1] * scale))), Image.BILINEAR)
-    array = np.asarray(crop, dtype=np.uint8)
-    return array[..., None] if array.ndim == 2 else array
+    image = decode_image(source, mode)  # base's decoder: pixel limit, 16-bit gray, any mode
+    corners = clip_box(box, image.shape[1], image.shape[0])
+    if corners is None:
+        raise ValueError(f"face box {','.join(map(str, box))} lies outside the "
+                         f"{image.shape[1]}x{image.shape[0]} image")
+    left, top, right, bottom = corners
+    crop = image[top:bottom, left:right]
+    side = max(crop.shape[:2])
+    if side <= CROP_MAX_SIDE:
+        return np.ascontiguousarray(crop)
+    scale = CROP_MAX_SIDE / side
+    size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
+    resized = np.asarray(Image.fromarray(crop.squeeze(-1) if crop.shape[-1] == 1 else crop)
+                         .resize(size, Image.BILINEAR), dtype=np.uint8)
+    return resized[..., None] if resized.ndim == 2 else resized
 
 
 class FaceCropSplit(FileSplit):
@@ -136,7 +137,7 @@ def _read_csv(data_dir, split, num_classes, problems):
     """(paths relative to data_dir, labels, wheres, dropped, boxes) from the official lists."""
     path = require(data_dir / LIST_DIR / CSV_FILE[split], "affectnet", HOW_TO_GET, LAYOUT)
     paths, labels, wheres, boxes, dropped = [], [], [], [], 0
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:  # bad bytes: that row
         reader = csv.reader(f)
         header = [name.strip() for name in next(reader, [])]
         needed = ("subDirectory_filePath", "expression") + BOX_COLUMNS
@@ -189,12 +190,13 @@ def _read_npy(data_dir, split, num_classes, problems):
         npy = split_dir / "annotations" / f"{Path(name).stem}_exp.npy"
         try:
             # Annotations are small arrays holding the code (often as a string, e.g. '3').
-            text = str(np.load(npy, allow_pickle=False).reshape(-1)[0]).strip()
+            # mmap: a header claiming 10^12 values must not allocate them.
+            text = str(np.load(npy, mmap_mode="r", allow_pickle=False).reshape(-1)[0]).strip()
         except FileNotFoundError:
             problems.add(npy, None, f"annotation file is missing for {images / name}")
             continue
-        except (ValueError, OSError, IndexError) as e:
-            problems.add(npy, None, f"annotation file cannot be read ({e})")
+        except (ValueError, OSError, IndexError, EOFError) as e:  # EOFError: an empty file
+            problems.add(npy, None, f"annotation file cannot be read ({type(e).__name__}: {e})")
             continue
         label = _code(text, (npy, None), problems)
         if label is None:

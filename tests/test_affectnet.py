@@ -116,3 +116,28 @@ def test_loader_augments_crops_then_stages_them(tmp_path, rng):
     batches = list(make_loader(split, batch_size=2, seed=0, epoch=0, train=True, image_size=48))
     assert [b["image"].shape for b in batches] == [(2, 48, 48, 3)] * 2
     assert sorted(np.concatenate([b["label"] for b in batches]).tolist()) == [0, 1, 2, 3]
+
+
+def test_tfds_warnings_are_hidden_unless_verbose(tmp_path, rng):
+    """TFDS warns on every open of our fingerprinted configs; only the arm_jax DEBUG level shows it."""
+    import logging
+
+    rows = rows_with_margins(rng)
+    src = fx.write_affectnet_csv(tmp_path / "an", {"training": rows, "validation": rows[:1]})
+    prepare("affectnet8", src, tfds_data_dir=tmp_path / "tfds")
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    absl_logger, ours = logging.getLogger("absl"), logging.getLogger("arm_jax")
+    absl_logger.addHandler(handler)
+    level = ours.level
+    try:
+        for verbose in (False, True):
+            ours.setLevel(logging.DEBUG if verbose else logging.INFO)
+            seen.clear()
+            split = open_split("affectnet8", src, "train", tfds_data_dir=tmp_path / "tfds")
+            assert isinstance(split, PreparedSplit)
+            assert any("Using custom data configuration" in m for m in seen) == verbose, seen
+    finally:
+        absl_logger.removeHandler(handler)
+        ours.setLevel(level)

@@ -138,7 +138,7 @@ def _setup(config: TrainConfig) -> tuple[Run, TrainState, dict]:
         check_resumable(config, workdir)  # a run to resume: it must be the same run
     if config.pretrained == "none":
         log.warning("the backbone starts from random weights (--pretrained none); the paper's numbers "
-                    "need the ImageNet resnet18 weights: --pretrained resnet18-f37072fd.pth")
+                    "need the ImageNet resnet18 weights: --pretrained imagenet")
     par = make_parallel(config.parallel)
     par.check_batch_size(config.batch_size, "batch_size")
     processes = jax.process_count()

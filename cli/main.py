@@ -1,19 +1,36 @@
 """The `arm-jax` command line: one sub-command per library entry point."""
 
+import importlib
 import sys
 
 import click
 
 from arm_jax.errors import UserError
-from cli.convert import convert
-from cli.data import prepare
-from cli.evaluate import calibrate, evaluate
-from cli.predict import predict
-from cli.train import train
+
+# name -> "module:function". Commands are imported only when run, so that `arm-jax predict
+# model.onnx` never imports JAX (the other commands' modules do, at import time).
+COMMANDS = {
+    "train": "cli.train:train",
+    "evaluate": "cli.evaluate:evaluate",
+    "predict": "cli.predict:predict",
+    "calibrate": "cli.evaluate:calibrate",
+    "prepare": "cli.data:prepare",
+    "convert": "cli.convert:convert",
+    "export": "cli.export:export",
+}
 
 
 class ArmJaxGroup(click.Group):
-    """Reports a UserError as a one-line message (exit code 2) instead of a traceback."""
+    """Imports each command when it is used; reports a UserError as a one-line message (exit code 2)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, function = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(module), function)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -26,7 +43,3 @@ class ArmJaxGroup(click.Group):
 @click.group(cls=ArmJaxGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """ARM (Amend Representation Module) for facial expression recognition, in JAX."""
-
-
-for command in (train, evaluate, predict, calibrate, prepare, convert):
-    cli.add_command(command)

@@ -1,19 +1,27 @@
-"""`arm-jax predict`: the expression in aligned face crops, one answer per image file."""
+"""`arm-jax predict`: the expression in face crops, or in every face found in photos and videos.
 
-from dataclasses import dataclass
+The model is an exported `.onnx` file, run with onnxruntime (this path never
+imports JAX, so the first answer comes without JAX's start-up and compilation),
+or anything load_any_model reads, run in JAX with the persistent compilation
+cache (arm_jax.inference.jax_classifier). Both use the running GAR, so an
+image's answer does not depend on the others.
+"""
+
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
-import jax
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
 
-from arm_jax.data.transforms import resize_uint8
 from arm_jax.errors import UserError
-from arm_jax.inference.runner import make_logits_fn
-from arm_jax.interop.model_files import load_any_model
-from arm_jax.models import with_runtime
+from arm_jax.inference.detection import Box, FaceDetector, crop_face, draw_faces
+from arm_jax.inference.video import VIDEO_SUFFIXES, VideoReader, VideoWriter
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+NO_FACE = "no face found"
 
 
 @dataclass(frozen=True)
@@ -26,14 +34,85 @@ class Prediction:
     probabilities: dict[str, float]
 
 
-def image_files(inputs: list[str | Path]) -> list[Path]:
-    """The files named, and the image files inside folders named (sorted), in order."""
+@dataclass(frozen=True)
+class FacePrediction:
+    """One face found in a photo or frame: its box [left, top, width, height] in pixels and the expression."""
+
+    box: list[int]
+    expression: str
+    probabilities: dict[str, float]
+
+
+@dataclass
+class FramePredictions:
+    """The faces of one video frame."""
+
+    frame: int
+    time_s: float
+    faces: list[FacePrediction]
+
+
+@dataclass
+class FileFaces:
+    """The faces of a photo (`faces`) or of a video's frames (`frames`); `message` says when none was found."""
+
+    path: str
+    kind: str  # "image" or "video"
+    faces: list[FacePrediction] = field(default_factory=list)
+    frames: list[FramePredictions] = field(default_factory=list)
+    message: str | None = None
+    annotated: str | None = None
+
+
+class Classifier(Protocol):
+    """What both back ends offer."""
+
+    class_names: tuple[str, ...]
+    image_size: int
+
+    def probabilities(self, faces: np.ndarray) -> np.ndarray:
+        """uint8 (N, image_size, image_size, 3) RGB -> (N, classes) float32."""
+
+
+class OnnxClassifier:
+    """An `arm-jax export` model in onnxruntime; its class names and input size come from the file."""
+
+    def __init__(self, path: str | Path):
+        import onnxruntime
+
+        try:
+            self._session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime raises its own types for missing/corrupt files
+            raise UserError(f"{path}: not a readable ONNX model ({error})") from None
+        metadata = self._session.get_modelmeta().custom_metadata_map
+        if "class_names" not in metadata or "image_size" not in metadata:
+            raise UserError(f"{path}: not written by `arm-jax export` (no class_names/image_size metadata)")
+        self.class_names = tuple(json.loads(metadata["class_names"]))
+        self.image_size = int(metadata["image_size"])
+
+    def probabilities(self, faces: np.ndarray) -> np.ndarray:
+        return self._session.run(["probabilities"], {"image": np.ascontiguousarray(faces, np.uint8)})[0]
+
+
+def open_classifier(model: str | Path) -> Classifier:
+    """An .onnx file runs in onnxruntime; anything else is a checkpoint for JAX."""
+    if Path(model).suffix.lower() == ".onnx":
+        if not Path(model).is_file():
+            raise UserError(f"{model}: no such file")
+        return OnnxClassifier(model)
+    from arm_jax.inference.jax_classifier import JaxClassifier  # JAX is imported only on this path
+
+    return JaxClassifier(model)
+
+
+def input_files(inputs: list[str | Path], suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:
+    """The files named, and the files with `suffixes` inside folders named (sorted), in order."""
     files = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
             if not found:
-                raise UserError(f"{item}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+                raise UserError(f"{item}: no files ({', '.join(suffixes)}) in this folder")
             files += found
         elif item.is_file():
             files.append(item)
@@ -42,32 +121,132 @@ def image_files(inputs: list[str | Path]) -> list[Path]:
     return files
 
 
-def read_face(path: Path, image_size: int) -> np.ndarray:
-    """An image file as uint8 RGB at the model's input size (gray is replicated to 3 channels)."""
+def image_files(inputs: list[str | Path]) -> list[Path]:
+    """The image files named or inside the folders named."""
+    return input_files(inputs, IMAGE_SUFFIXES)
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """An image file as uint8 RGB, turned upright by its EXIF orientation (gray is replicated)."""
     try:
         with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"), np.uint8)
+            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"), np.uint8)
     except (UnidentifiedImageError, OSError) as error:
         raise UserError(f"{path}: not a readable image ({error})") from None
-    return resize_uint8(array, image_size)
+
+
+def read_face(path: Path, image_size: int) -> np.ndarray:
+    """An aligned face crop at the model's input size (PIL bilinear, as arm_jax.data.transforms.resize_uint8)."""
+    image = read_rgb(path)
+    if image.shape[:2] == (image_size, image_size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((image_size, image_size), Image.BILINEAR))
 
 
 def predict(checkpoint: str | Path, inputs: list[str | Path], *, batch_size: int = 32) -> list[Prediction]:
-    """Predict every image; with the running GAR, an image's answer does not depend on the others."""
-    loaded = load_any_model(checkpoint)
-    if not loaded.gar_calibrated:
-        raise UserError(f"{checkpoint}: has no running GAR, so a prediction would depend on the other images; "
-                        "run `arm-jax calibrate` on it first")
-    model = with_runtime(loaded.model, gar_mode="running")
-    names = loaded.class_names or tuple(f"class_{i}" for i in range(model.num_classes))
+    """The expression of every aligned face crop named (files or folders)."""
     files = image_files(inputs)
-    logits_fn = make_logits_fn(model)
+    videos = [str(p) for p in files if p.suffix.lower() in VIDEO_SUFFIXES]
+    if videos:
+        raise UserError(f"{videos[0]}: a video; pass --detect-faces to find the faces in its frames")
+    classifier = open_classifier(checkpoint)
+    names = classifier.class_names
     results = []
     for start in range(0, len(files), batch_size):
-        faces = np.stack([read_face(path, model.image_size) for path in files[start : start + batch_size]])
-        logits = logits_fn(loaded.variables, faces)
-        probabilities = np.asarray(jax.nn.softmax(logits, axis=-1))
-        for path, row in zip(files[start : start + batch_size], probabilities):
+        chunk = files[start : start + batch_size]
+        probabilities = classifier.probabilities(np.stack([read_face(p, classifier.image_size) for p in chunk]))
+        for path, row in zip(chunk, probabilities):
             label = int(row.argmax())
             results.append(Prediction(str(path), label, names[label], {n: float(p) for n, p in zip(names, row)}))
     return results
+
+
+def predict_faces(checkpoint: str | Path, inputs: list[str | Path], *, every: int = 1,
+                  annotate: str | Path | None = None, progress: bool = True) -> list[FileFaces]:
+    """Find the faces in photos and videos (every `every`-th frame) and predict each one's expression.
+
+    With `annotate`, each photo (PNG) or video (same container) is written there with boxes and labels.
+    """
+    files = input_files(inputs, IMAGE_SUFFIXES + VIDEO_SUFFIXES)
+    annotate_dir = Path(annotate) if annotate is not None else None
+    if annotate_dir is not None:
+        annotate_dir.mkdir(parents=True, exist_ok=True)
+    pipeline = FacePipeline(open_classifier(checkpoint))
+    results = []
+    for path in files:
+        if path.suffix.lower() in VIDEO_SUFFIXES:
+            results.append(pipeline.video(path, every=every, annotate_dir=annotate_dir, progress=progress))
+        else:
+            results.append(pipeline.photo(path, read_rgb(path), annotate_dir=annotate_dir))
+    return results
+
+
+class FacePipeline:
+    """Detector + classifier: the faces of a photo or of a video's frames, each with its expression."""
+
+    def __init__(self, classifier: Classifier):
+        self.classifier, self.detector = classifier, FaceDetector()
+
+    def faces_in(self, image: np.ndarray) -> list[FacePrediction]:
+        boxes = self.detector.detect(image)
+        if not boxes:
+            return []
+        names = self.classifier.class_names
+        crops = np.stack([crop_face(image, box, self.classifier.image_size) for box in boxes])
+        return [FacePrediction(box.as_list(), names[int(row.argmax())], {n: float(p) for n, p in zip(names, row)})
+                for box, row in zip(boxes, self.classifier.probabilities(crops))]
+
+    @staticmethod
+    def annotated(image: np.ndarray, faces: list[FacePrediction]) -> np.ndarray:
+        labels = [(Box(*face.box), f"{face.expression} {face.probabilities[face.expression]:.2f}") for face in faces]
+        return draw_faces(image, labels)
+
+    def photo(self, path: Path, image: np.ndarray, *, annotate_dir: Path | None) -> FileFaces:
+        faces = self.faces_in(image)
+        result = FileFaces(str(path), "image", faces=faces, message=None if faces else NO_FACE)
+        if annotate_dir is not None:
+            destination = annotate_dir / f"{path.stem}.annotated.png"
+            Image.fromarray(self.annotated(image, faces)).save(destination)
+            result.annotated = str(destination)
+        return result
+
+    def video(self, path: Path, *, every: int, annotate_dir: Path | None, progress: bool) -> FileFaces:
+        reader = VideoReader(path, every)
+        result = FileFaces(str(path), "video")
+        writer = None
+        try:
+            for index, time_s, frame in tqdm(reader, total=reader.selected_count, desc=path.name, unit="frame",
+                                             disable=not progress):
+                faces = self.faces_in(frame)
+                result.frames.append(FramePredictions(index, round(time_s, 3), faces))
+                if annotate_dir is not None:
+                    if writer is None:  # the analysed frames, at the rate that keeps the video's duration
+                        writer = VideoWriter(annotate_dir / f"{path.stem}.annotated{path.suffix.lower()}",
+                                             reader.fps / every, frame.shape[1], frame.shape[0])
+                    writer.write(self.annotated(frame, faces))
+        finally:
+            if writer is not None:
+                writer.close()
+                result.annotated = str(writer.path)
+        if not result.frames:
+            raise UserError(f"{path}: no frame could be read")
+        if not any(frame.faces for frame in result.frames):
+            result.message = f"{NO_FACE} in {len(result.frames)} frames"
+        return result
+
+
+def faces_table(results: list[FileFaces]) -> str:
+    """One line per face: file (and frame), box, expression and its probability; files without faces say so."""
+    lines = []
+    for result in results:
+        if result.kind == "image":
+            entries = [(result.path, face) for face in result.faces]
+        else:
+            entries = [(f"{result.path} frame {frame.frame}", face) for frame in result.frames for face in frame.faces]
+        lines += [f"{where}  box {face.box}  {face.expression:<12} {face.probabilities[face.expression]:.3f}"
+                  for where, face in entries]
+        if result.message:
+            lines.append(f"{result.path}  {result.message}")
+        if result.annotated:
+            lines.append(f"{result.path}  annotated: {result.annotated}")
+    return "\n".join(lines)

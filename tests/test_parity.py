@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 import torch
+from flax import linen as nn
 from flax import traverse_util
 
 from arm_jax.interop.convert import convert_for_model, flax_to_torch, key_table, torch_to_flax
@@ -109,9 +110,10 @@ def gradient_case():
 def test_gradients_match_in_float64(gradient_case):
     """Same function, same gradients: compared in float64 on both sides.
 
-    In float32 both frameworks are ~5e-3 away from the exact gradient in the
-    early layers (training-mode BatchNorm's backward cancels large terms), so a
-    float32-vs-float32 comparison measures rounding, not the implementation.
+    In float32 both frameworks are up to ~1e-2 away from the exact gradient,
+    depending on which near-zero ReLU inputs their rounding puts on the other
+    side (see the float32 test), so a float32-vs-float32 comparison measures
+    rounding, not the implementation.
     """
     torch_model, model, variables, images, labels, expected = gradient_case
     model64 = with_runtime(model, dtype=jnp.float64, param_dtype=jnp.float64)
@@ -125,13 +127,62 @@ def test_gradients_match_in_float64(gradient_case):
     assert errors[worst] <= GRADIENT_RELATIVE_TOLERANCE, (worst, errors[worst])
 
 
-def test_float32_gradients_are_as_accurate_as_pytorch(gradient_case):
-    """Against the float64 gradient, arm-jax's float32 error is no worse than PyTorch's (x2 slack)."""
+# Measured on an AMD EPYC CPU (2 cores), 112 px, seed 2 (issue 12): with the float64 forward's ReLU
+# decisions, arm-jax's worst float32 tensor is 1.6e-5 from the float64 gradient (median 2.4e-6; PyTorch
+# 1.0e-5, median 3.7e-6). Its own decisions flip no ReLU there with the default Eigen convs (same 1.6e-5),
+# two with YNNPACK's convs (5.5e-3; 3.3e-3 on a Xeon); all 17 ReLU inputs within the float32 forward's
+# error of zero flipped at once give 2.9e-2, the sum of their single effects 6.6e-2.
+FLOAT32_GRADIENT_TOLERANCE = 1e-4
+FLOAT32_GRADIENT_TOLERANCE_FREE_RELUS = 1e-1
+RELUS_IN_RESNET18 = 17
+
+
+def relu_masks(model, variables, images, monkeypatch) -> list[np.ndarray]:
+    """Where each ReLU input is positive in one training-mode forward, in call order."""
+    masks, relu = [], nn.relu
+
+    def recording_relu(x):
+        masks.append(np.asarray(x) > 0)
+        return relu(x)
+
+    monkeypatch.setattr(nn, "relu", recording_relu)
+    model.apply(variables, images, train=True, mutable=["batch_stats", "gar"])
+    monkeypatch.setattr(nn, "relu", relu)
+    return masks
+
+
+def test_float32_gradients_are_close_to_float64(gradient_case, monkeypatch):
+    """arm-jax's float32 gradients against the float64 gradient, with absolute bounds.
+
+    A ReLU input within the float32 forward's rounding error of zero (about 1e-6..5e-5 in
+    absolute terms here; 17 such among 2.3M inputs in this case) passes or blocks its
+    gradient depending on how the CPU's kernels round, and one such flip moves whole
+    tensors by up to 2e-2. Which of them flip differs between machines and between
+    frameworks, so the tight bound is checked with the float64 forward's ReLU decisions
+    imposed on the float32 run; the free run gets a bound that covers all of them flipping.
+    """
     torch_model, model, variables, images, labels, exact = gradient_case
-    torch_error = max(relative_errors(torch_gradients(copy.deepcopy(torch_model), images, labels), exact).values())
-    jax_error = max(relative_errors(jax_gradients(model, variables, to_nhwc(images), labels), exact).values())
-    print(f"float32 worst relative gradient error: arm-jax {jax_error:.2e}, PyTorch {torch_error:.2e}")
-    assert jax_error <= 2 * torch_error + 1e-6
+    model64 = with_runtime(model, dtype=jnp.float64, param_dtype=jnp.float64)
+    with jax.enable_x64(True):
+        variables64 = jax.tree.map(lambda a: np.asarray(a, np.float64) if a.dtype.kind == "f" else a, variables)
+        masks = relu_masks(model64, variables64, jnp.asarray(to_nhwc(images), jnp.float64), monkeypatch)
+    assert len(masks) == RELUS_IN_RESNET18
+
+    pending = list(masks)
+    monkeypatch.setattr(nn, "relu", lambda x: jnp.where(pending.pop(0), x, 0))
+    # HIGHEST is the default on CPU (same bits); on GPUs float32 convs would otherwise run in TF32.
+    with jax.default_matmul_precision("highest"):
+        pinned = relative_errors(jax_gradients(model, variables, to_nhwc(images), labels), exact)
+        assert not pending
+        monkeypatch.undo()
+        free = relative_errors(jax_gradients(model, variables, to_nhwc(images), labels), exact)
+    worst_pinned, worst_free = max(pinned, key=pinned.get), max(free, key=free.get)
+    print(
+        f"float32 relative gradient error: float64 ReLU decisions {pinned[worst_pinned]:.2e} ({worst_pinned}),"
+        f" median {np.median(list(pinned.values())):.2e}; own decisions {free[worst_free]:.2e} ({worst_free})"
+    )
+    assert pinned[worst_pinned] <= FLOAT32_GRADIENT_TOLERANCE, (worst_pinned, pinned[worst_pinned])
+    assert free[worst_free] <= FLOAT32_GRADIENT_TOLERANCE_FREE_RELUS, (worst_free, free[worst_free])
 
 
 def test_torchvision_classifier_matches_plain_resnet18():

@@ -60,20 +60,20 @@ def test_invalid_boxes_are_named_bad_records(tmp_path, rng):
     rows = [("1/ok.jpg", 0, image),
             ("1/neg.jpg", 1, image, (5, 5, -20, 30)),
             ("1/nan.jpg", 2, image, (5, 5, "x", 30)),
-            ("1/float.jpg", 4, image, ("5.0", 5, 30, "30.0")),          # a re-saved CSV: kept
+            ("1/frac.jpg", 4, image, (5, 5, "30.5", 30)),
             ("1/out.jpg", 3, image, (60, 5, 20, 20))]  # starts right of the 50 px image
     fx.write_affectnet_csv(tmp_path, {"training": rows, "validation": rows[:1]})
     csv_path = tmp_path / "Manually_Annotated_file_lists" / "training.csv"
     with pytest.raises(DatasetError) as error:
         raw("affectnet8", tmp_path, "train")
     message = str(error.value)
-    assert "3 bad record(s)" in message
+    assert "4 bad record(s)" in message
     assert f"{csv_path}:3: invalid face box 5,5,-20,30 (width and height must be positive)" in message
     assert f"{csv_path}:4: invalid face box 5,5,x,30" in message
+    assert f"{csv_path}:5: invalid face box 5,5,30.5,30 (x,y,width,height must be whole" in message
     assert f"{csv_path}:6: invalid face box 60,5,20,20: it lies outside the 50x50 image" in message
     kept = raw("affectnet8", tmp_path, "train", skip_bad=True)
-    assert kept.labels.tolist() == [0, 4] and len(kept.report.skipped) == 3
-    assert kept[1]["image"].shape == (30, 30, 3)
+    assert kept.labels.tolist() == [0] and len(kept.report.skipped) == 4
 
 
 def test_large_crops_are_capped_before_augmentation(tmp_path, rng):

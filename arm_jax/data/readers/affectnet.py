@@ -72,15 +72,11 @@ def _box(row, columns, where, problems) -> tuple[int, int, int, int] | None:
     """The row's face box, or None (recorded as a bad record) if it is not a valid box."""
     texts = [row[c].strip() for c in columns]
     try:
-        # The released lists hold whole numbers; "134.0" (a re-saved CSV) rounds to 134.
-        values = [float(t) for t in texts if t.isascii()]
-        if len(values) != 4 or not all(np.isfinite(values)):
-            raise ValueError
+        x, y, width, height = (int(t) for t in texts)  # the released lists hold whole pixels
     except ValueError:
         problems.add(*where, f"invalid face box {','.join(texts)} (x,y,width,height must be "
-                             "numbers)")
+                             "whole numbers)")
         return None
-    x, y, width, height = (int(round(v)) for v in values)
     if width <= 0 or height <= 0:
         problems.add(*where, f"invalid face box {x},{y},{width},{height} (width and height "
                              "must be positive)")

@@ -79,7 +79,7 @@ def parse_pixels(texts: list[str]) -> tuple[np.ndarray, list[str | None]]:
     reasons: list[str | None] = []
     for text, other, count in zip(texts, others, counts):
         if other:
-            bad = next(t for t in text.split() if not t.isdigit())
+            bad = next(t for t in text.split() if not (t.isascii() and t.isdigit()))  # '¹'
             reasons.append(f"non-numeric pixel value {bad[:20]!r}")
         elif count != SIDE * SIDE:
             reasons.append(f"{count} pixel values, expected {SIDE * SIDE} (48x48)")
@@ -143,7 +143,7 @@ def read_fer2013(data_dir: Path, split: str, problems: Problems) -> Records:
     def label_of(index):
         line, row = rows[index]
         text = row[columns["emotion"]].strip()
-        if text.isdigit() and int(text) < len(CLASS_NAMES):
+        if text.isascii() and text.isdigit() and int(text) < len(CLASS_NAMES):  # not '²'
             return int(text), None
         return None, (path, line, f"unknown label {text!r} (expected 0..{len(CLASS_NAMES) - 1})")
 
@@ -191,7 +191,7 @@ def read_ferplus(data_dir: Path, split: str, problems: Problems) -> Records:
             dropped += 1  # FER+ leaves these out (not a usable face)
             return None, None
         texts = [row[new_columns[name]].strip() for name in vote_names]
-        if not all(t.isdigit() for t in texts):
+        if not all(t.isascii() and t.isdigit() for t in texts):  # '²'.isdigit() too
             return None, (new_path, line, f"non-integer vote count in {texts}")
         label = ferplus_majority(np.asarray(texts, dtype=np.int64))
         if label is None:

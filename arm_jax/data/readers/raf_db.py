@@ -28,7 +28,8 @@ def read_raf_db(data_dir: Path, split: str, problems: Problems, *,
     label_path = require(data_dir / LABEL_FILE, "raf_db", HOW_TO_GET, LAYOUT)
     require(data_dir / IMAGE_DIR, "raf_db", HOW_TO_GET, LAYOUT)
     paths, labels, wheres = [], [], []
-    with open(label_path) as f:
+    # Undecodable bytes become U+FFFD: that line is reported, not the whole file a traceback.
+    with open(label_path, encoding="utf-8", errors="replace") as f:
         for line_number, line in enumerate(f, start=1):
             fields = line.split()
             if not fields:
@@ -44,7 +45,7 @@ def read_raf_db(data_dir: Path, split: str, problems: Problems, *,
                 continue
             if not name.startswith(FILE_PREFIX[split]):
                 continue
-            if not (label.isdigit() and 1 <= int(label) <= len(CLASS_NAMES)):
+            if not (label.isascii() and label.isdigit() and 1 <= int(label) <= len(CLASS_NAMES)):
                 problems.add(label_path, line_number, f"unknown label {label!r} (expected 1..7)")
                 continue
             paths.append(str(IMAGE_DIR / f"{Path(name).stem}_aligned.jpg"))

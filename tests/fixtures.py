@@ -94,6 +94,14 @@ def margin_box(shape: tuple[int, ...]) -> tuple[int, int, int, int]:
     return x, y, width - 2 * x, height - 2 * y
 
 
+def write_raf_db_missing_images(root: Path, rng: np.random.Generator, missing: int = 7) -> Path:
+    """RAF-DB with the first `missing` of its 10 training images absent; its 7 test images present."""
+    entries = [(f"train_{i:05d}.jpg", 1 + i % 7, None if i <= missing else random_image(rng, (100, 100, 3)))
+               for i in range(1, 11)]
+    entries += [(f"test_{i:04d}.jpg", 1 + i % 7, random_image(rng, (100, 100, 3))) for i in range(1, 8)]
+    return write_raf_db(root, entries)
+
+
 def write_affectnet_csv(root: Path, splits: dict[str, list]) -> Path:
     """splits: {'training'|'validation': [(subDirectory_filePath, expression, image or None[,
     (face_x, face_y, face_width, face_height)])]}; the box defaults to margin_box(image).

@@ -4,11 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from arm_jax.errors import UserError
+from arm_jax.interop.pretrained import init_variables
 from arm_jax.models import ARMResNet18, SharingAffinity, head_geometry, pixel_shuffle
-from arm_jax.models.arm import per_channel_conv
+from arm_jax.models.arm import ARM, per_channel_conv
 
 
 def test_pixel_shuffle_hand_computed():
@@ -21,6 +21,7 @@ def test_pixel_shuffle_hand_computed():
 
 
 def test_pixel_shuffle_matches_torch_on_the_arm_shape():
+    torch = pytest.importorskip("torch")
     x = np.random.default_rng(0).normal(size=(2, 512, 3, 3)).astype(np.float32)
     expected = torch.nn.PixelShuffle(16)(torch.from_numpy(x)).numpy()  # (2, 2, 48, 48)
     got = pixel_shuffle(jnp.asarray(x.transpose(0, 2, 3, 1)), 16)
@@ -62,18 +63,20 @@ def test_sharing_affinity_batch_mode():
     np.testing.assert_allclose(alone, 1.5 * representation[:1])  # x + alpha * x, as users report
 
 
-def test_running_gar_averages_then_decays():
+def test_running_gar_averages_then_decays(rng):
     module = SharingAffinity("running", momentum=0.1)
-    variables = module.init(jax.random.key(0), jnp.zeros((2, 3)), train=False)
-    batches = [jnp.full((2, 3), float(v)) for v in range(1, 13)]
+    variables = module.init(jax.random.key(0), jnp.zeros((4, 3)), train=False)
+    # Every example and feature differs, so a mean over the wrong axis cannot pass.
+    batches = [rng.normal(size=(4, 3)).astype(np.float32) for _ in range(12)]
     for batch in batches:
-        _, updates = module.apply(variables, batch, train=True, mutable=["gar"])
+        _, updates = module.apply(variables, jnp.asarray(batch), train=True, mutable=["gar"])
         variables = {**variables, **updates}
-    # Steps 1..10 average exactly (mean of 1..10 = 5.5); then two steps of momentum 0.1.
-    expected = 5.5
-    for value in (11.0, 12.0):
-        expected = 0.9 * expected + 0.1 * value
-    np.testing.assert_allclose(variables["gar"]["mean"], expected, rtol=1e-6)
+    # Steps 1..10 average the batch GARs exactly; then two steps of momentum 0.1.
+    gars = [batch.astype(np.float64).mean(axis=0) for batch in batches]
+    expected = np.mean(gars[:10], axis=0)
+    for gar in gars[10:]:
+        expected = 0.9 * expected + 0.1 * gar
+    np.testing.assert_allclose(variables["gar"]["mean"], expected, rtol=1e-5, atol=1e-6)
     assert int(variables["gar"]["count"]) == 12
 
 
@@ -90,29 +93,109 @@ def test_running_mode_prediction_does_not_depend_on_the_batch():
     assert np.abs(batch_model.apply(variables, x[:1], train=False) - together[:1]).max() > 1e-4
 
 
-@pytest.mark.parametrize(
-    "switches, fc_inputs",
-    [
-        (dict(arrangement=True, de_albino=True, affinity=True), 121),
-        (dict(arrangement=True, de_albino=False, affinity=True), 121),
-        (dict(arrangement=False, de_albino=True, affinity=False), 25),  # raw 7x7, k=3, stride 1
-        (dict(arrangement=False, de_albino=False, affinity=True), 512),  # global average pooling
-        (dict(arrangement=False, de_albino=False, affinity=False), 512),
-    ],
-)
-def test_ablation_rows_shapes(switches, fc_inputs):
-    model = ARMResNet18(num_classes=7, **switches)
+ROWS = {  # Table 2's rows: (arrangement, de_albino, affinity)
+    "none": (False, False, False), "DA": (False, True, False), "SA": (False, False, True),
+    "FA+DA": (True, True, False), "FA+SA": (True, False, True), "DA+SA": (False, True, True),
+    "FA+DA+SA": (True, True, True),
+}
+
+
+def _windows(x: np.ndarray, kernel: np.ndarray, stride: int) -> np.ndarray:
+    """Second implementation: every channel of NHWC `x` through one k x k kernel, no padding."""
+    k = kernel.shape[0]
+    patches = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(1, 2))[:, ::stride, ::stride]
+    return np.einsum("nhwcij,ij->nhwc", patches, kernel)
+
+
+def _numpy_head(features: np.ndarray, params: dict, switches, raw_kernel: int) -> np.ndarray:
+    """The README table's rows in numpy, training mode (BatchNorm with batch statistics, batch GAR)."""
+    arrangement, de_albino, affinity = switches
+    x = features.astype(np.float64)
+    if arrangement:  # out[n, 16h + i, 16w + j, c] = in[n, h, w, 256c + 16i + j]
+        n, h, w, _ = x.shape
+        x = x.reshape(n, h, w, 2, 16, 16).transpose(0, 1, 4, 2, 5, 3).reshape(n, 16 * h, 16 * w, 2)
+    kernel, stride = (32, 8) if arrangement else (raw_kernel, 1)
+    if de_albino:
+        x = _windows(x, np.asarray(params["de_albino"]["kernel"], np.float64)[:, :, 0, 0], stride)
+    elif arrangement:
+        x = _windows(x, np.full((kernel, kernel), 1.0 / kernel**2), stride)  # the fixed average
+    if de_albino or arrangement:  # BatchNorm over the channels (512 raw, 2 arranged), then their mean
+        x = (x - x.mean(axis=(0, 1, 2))) / np.sqrt(x.var(axis=(0, 1, 2)) + 1e-5)
+        representation = x.mean(axis=-1).reshape(len(x), -1)
+    else:
+        representation = x.mean(axis=(1, 2))
+    if affinity:
+        representation = representation + float(params["affinity"]["alpha"][0]) * representation.mean(axis=0)
+    return representation
+
+
+@pytest.mark.parametrize("row", list(ROWS))
+def test_ablation_rows_compute_what_the_readme_table_says(row, rng):
+    switches = ROWS[row]
+    arrangement, de_albino, affinity = switches
+    head = ARM(arrangement=arrangement, de_albino=de_albino, affinity=affinity)
+    features = rng.normal(size=(3, 7, 7, 512)).astype(np.float32)  # the backbone map at 224 px
+    variables = head.init(jax.random.key(0), features, train=False)
+    params = jax.tree.map(np.asarray, variables.get("params", {}))  # the plain row has none
+    if affinity:  # alpha away from its initial 1.0, so a wrong use of it shows
+        params["affinity"]["alpha"] = np.asarray([0.7], np.float32)
+    out, _ = head.apply({**variables, "params": params}, features, train=True, mutable=["batch_stats", "gar"])
+    expected = _numpy_head(features, params, switches, raw_kernel=3)
+    np.testing.assert_allclose(out, expected, rtol=2e-4, atol=2e-4)
+
+    model = ARMResNet18(num_classes=7, arrangement=arrangement, de_albino=de_albino, affinity=affinity)
     shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, 224, 224, 3)), train=False))
-    assert shapes["params"]["fc"]["kernel"].shape == (fc_inputs, 7)
-    assert ("de_albino" in shapes["params"].get("arm", {})) == switches["de_albino"]
-    assert ("affinity" in shapes["params"].get("arm", {})) == switches["affinity"]
+    assert shapes["params"]["fc"]["kernel"].shape == (expected.shape[1], 7)
+    assert ("de_albino" in shapes["params"].get("arm", {})) == de_albino
+    assert ("affinity" in shapes["params"].get("arm", {})) == affinity
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 7])
+def test_raw_kernel_sweep_of_figure_6(k, rng):
+    """De-albino on the raw 7x7 map (no arrangement): a k x k kernel, (8-k)^2 fc inputs at 224."""
+    model = ARMResNet18(num_classes=7, arrangement=False, de_albino=True, affinity=True, raw_kernel=k)
+    shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, 224, 224, 3)), train=False))
+    assert shapes["params"]["fc"]["kernel"].shape == ((8 - k) ** 2, 7)
+    assert shapes["params"]["arm"]["de_albino"]["kernel"].shape == (k, k, 1, 1)
+    head = ARM(arrangement=False, de_albino=True, affinity=True, raw_kernel=k)
+    features = rng.normal(size=(2, 7, 7, 512)).astype(np.float32)
+    variables = head.init(jax.random.key(0), features, train=False)
+    out, _ = head.apply(variables, features, train=True, mutable=["batch_stats", "gar"])
+    expected = _numpy_head(features, jax.tree.map(np.asarray, variables["params"]), (False, True, True), k)
+    np.testing.assert_allclose(out, expected, rtol=2e-4, atol=2e-4)
+
+
+def test_head_starts_from_pytorchs_default_initialisation():
+    """fc and De-albino U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as nn.Linear/nn.Conv2d; BN 1/0; alpha 1."""
+    variables = init_variables(ARMResNet18(num_classes=7, image_size=96), jax.random.key(0))  # as test_steps: one compile
+    head = variables["params"]
+    for values, fan_in in ((head["fc"]["kernel"], 9), (head["fc"]["bias"], 9),
+                           (head["arm"]["de_albino"]["kernel"], 32 * 32)):
+        values, bound = np.asarray(values), fan_in**-0.5
+        assert np.abs(values).max() <= bound
+        assert np.abs(values).max() >= (0.7 if values.size < 10 else 0.9) * bound  # uniform up to the bound
+        if values.size > 100:
+            assert np.std(values) == pytest.approx(bound / np.sqrt(3), rel=0.1)  # the uniform's spread
+    np.testing.assert_array_equal(head["arm"]["affinity"]["alpha"], [1.0])
+    np.testing.assert_array_equal(head["arm"]["bn"]["scale"], [1.0, 1.0])
+    np.testing.assert_array_equal(head["arm"]["bn"]["bias"], [0.0, 0.0])
+    stats = variables["batch_stats"]["arm"]["bn"]
+    np.testing.assert_array_equal(stats["mean"], [0.0, 0.0])
+    np.testing.assert_array_equal(stats["var"], [1.0, 1.0])
+
+
+@pytest.mark.parametrize("size, side", [(33, 1), (64, 1), (65, 3), (96, 3), (112, 5), (224, 11)])
+def test_representation_side_follows_the_readme(size, side):
+    """The README: ((16 * ceil(size / 32) - 32) // 8 + 1)^2 features; 33-64 px give a 1x1 map."""
+    assert head_geometry(ARMResNet18(num_classes=7, image_size=size))["representation_side"] == side
 
 
 def test_geometry_follows_input_size_and_rejects_impossible_sizes():
     assert head_geometry(ARMResNet18(num_classes=7, image_size=112))["representation_side"] == 5
     assert head_geometry(ARMResNet18(num_classes=7, image_size=200))["backbone_side"] == 7  # ceil(200/32)
-    with pytest.raises(UserError, match="smaller than its 32x32 kernel"):
-        ARMResNet18(num_classes=7, image_size=32)
+    for too_small in (1, 31, 32):  # the README: 32 px or less is an error
+        with pytest.raises(UserError, match="smaller than its 32x32 kernel"):
+            ARMResNet18(num_classes=7, image_size=too_small)
     with pytest.raises(UserError, match="gar_mode"):
         ARMResNet18(num_classes=7, gar_mode="mean")
 
@@ -131,7 +214,9 @@ def test_bfloat16_computation_keeps_float32_parameters():
     full = ARMResNet18(num_classes=7, image_size=64).apply(variables, x, train=False)
     half = model.apply(variables, x, train=False)
     assert half.dtype == jnp.float32
-    assert np.abs(np.asarray(half) - np.asarray(full)).max() < 0.1 * np.abs(np.asarray(full)).max() + 0.05
+    difference = np.abs(np.asarray(half) - np.asarray(full)).max()
+    assert difference < 0.1 * np.abs(np.asarray(full)).max() + 0.05
+    assert difference > 1e-4  # bf16 rounding shows: the model did compute in bf16 (float32 gives 0)
 
 
 @pytest.mark.parametrize("stride", [1, 2])

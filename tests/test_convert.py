@@ -1,31 +1,37 @@
 """The converter on real files: torchvision, authors' checkpoint and plain state dicts; refusals."""
 
+import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from click.testing import CliRunner
-from safetensors.torch import load_file as torch_load_safetensors
+from flax import traverse_util
 
-from arm_jax.interop.convert import ConversionError, flax_to_torch, load_state_dict, save_safetensors, torch_to_flax
-from arm_jax.interop.pretrained import init_variables
+from click.testing import CliRunner
+
 from arm_jax.errors import UserError
+from arm_jax.interop.convert import ConversionError, flax_to_torch, load_state_dict, save_safetensors, torch_to_flax
 from arm_jax.interop.model_files import load_any_model, load_model_directory
+from arm_jax.interop.pretrained import init_variables
 from arm_jax.models import ARMResNet18
 from cli.main import cli
-from tests.torch_reference import TorchARMResNet18, TorchResNet18, randomise_batchnorm
 
-SIZE = 64  # smallest size whose arranged map (32x32) fits the 32x32 De-albino kernel
+torch = pytest.importorskip("torch")
+from safetensors.torch import load_file as torch_load_safetensors
+
+from tests.torch_reference import TorchARMResNet18, randomised_arm, randomised_resnet
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 64  # the cheapest size the head accepts (33-64 px: arranged map 32x32, a 1x1 representation)
 
 
 def torch_arm_model(seed: int = 0) -> TorchARMResNet18:
-    torch.manual_seed(seed)
-    model = TorchARMResNet18(num_classes=7, image_size=SIZE)
-    randomise_batchnorm(model, torch.Generator().manual_seed(seed))
-    return model.eval()
+    return randomised_arm(seed, image_size=SIZE)
 
 
 def logits_of(torch_model, images: torch.Tensor) -> np.ndarray:
@@ -44,9 +50,7 @@ def images():
 
 
 def test_torchvision_state_dict_file(tmp_path, images):
-    torch.manual_seed(0)
-    reference = TorchResNet18(num_classes=1000).eval()
-    randomise_batchnorm(reference, torch.Generator().manual_seed(0))
+    reference = randomised_resnet(0)
     torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
     loaded = load_any_model(tmp_path / "resnet18.pth")
     assert (loaded.model.num_classes, loaded.model.arrangement, loaded.model.de_albino, loaded.model.affinity) == (1000, False, False, False)
@@ -55,12 +59,13 @@ def test_torchvision_state_dict_file(tmp_path, images):
     assert np.abs(got - logits_of(reference, images)).max() <= 1e-4
 
 
-def test_authors_checkpoint_with_dataparallel_prefix(tmp_path, images):
+@pytest.mark.parametrize("prefix", ["module.", ""], ids=["dataparallel", "plain"])
+def test_authors_checkpoint_with_and_without_dataparallel_prefix(tmp_path, images, prefix):
     reference = torch_arm_model()
     optimizer = torch.optim.Adam(reference.parameters(), lr=1e-3, weight_decay=1e-4)
     checkpoint = {
         "iter": 1234,
-        "model_state_dict": {f"module.{key}": value for key, value in reference.state_dict().items()},
+        "model_state_dict": {f"{prefix}{key}": value for key, value in reference.state_dict().items()},
         "optimizer_state_dict": optimizer.state_dict(),
     }
     torch.save(checkpoint, tmp_path / "epoch70.pth")
@@ -137,7 +142,7 @@ def test_export_round_trip_loads_into_pytorch(tmp_path, images):
     assert np.abs(logits_of(torch_model.eval(), images) - expected).max() <= 1e-4
 
     again = torch_to_flax(load_state_dict(tmp_path / "exported.safetensors"), image_size=SIZE)
-    for a, b in zip(jax.tree.leaves(again["params"]), jax.tree.leaves(variables["params"])):
+    for a, b in zip(jax.tree.leaves(again["params"]), jax.tree.leaves(variables["params"]), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -164,13 +169,54 @@ def test_cli_convert_writes_an_orbax_model_and_exports_it_back(tmp_path, images)
 
 
 def test_pretrained_backbone_initialisation(tmp_path):
-    torch.manual_seed(0)
-    reference = TorchResNet18(num_classes=1000)
+    """Every backbone parameter AND BatchNorm statistic comes from the file; the head stays fresh."""
+    reference = randomised_resnet(0)  # non-trivial running statistics, so missing ones show
     torch.save(reference.state_dict(), tmp_path / "imagenet.pth")
     model = ARMResNet18(num_classes=7, image_size=SIZE)
     fresh = init_variables(model, jax.random.key(0))
     pretrained = init_variables(model, jax.random.key(0), pretrained=tmp_path / "imagenet.pth")
-    np.testing.assert_array_equal(pretrained["params"]["backbone"]["conv1"]["kernel"],
-                                  reference.conv1.weight.detach().numpy().transpose(2, 3, 1, 0))
-    np.testing.assert_array_equal(pretrained["params"]["fc"]["kernel"], fresh["params"]["fc"]["kernel"])
-    np.testing.assert_array_equal(pretrained["params"]["arm"]["de_albino"]["kernel"], fresh["params"]["arm"]["de_albino"]["kernel"])
+    expected = torch_to_flax({k: v.numpy() for k, v in reference.state_dict().items()})
+    for collection in ("params", "batch_stats"):
+        got = traverse_util.flatten_dict(pretrained[collection]["backbone"])
+        want = traverse_util.flatten_dict(expected[collection]["backbone"])
+        assert set(got) == set(want)
+        for path, value in want.items():
+            np.testing.assert_array_equal(got[path], value, err_msg=f"{collection}/{'/'.join(path)}")
+    for collection in ("params", "batch_stats"):  # the ARM head and fc keep their fresh values
+        for name in ("arm", "fc"):
+            for a, b in zip(jax.tree.leaves(pretrained[collection].get(name, {})),
+                            jax.tree.leaves(fresh[collection].get(name, {})), strict=True):
+                np.testing.assert_array_equal(a, b)
+
+
+def test_export_with_torchvision_naming_loads_into_resnet18(tmp_path):
+    """`arm-jax convert MODEL OUT.safetensors --naming torchvision`: conv1/layer1.. keys, strict load."""
+    reference = randomised_resnet(1)
+    torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
+    runner = CliRunner()
+    result = runner.invoke(cli, ["convert", str(tmp_path / "resnet18.pth"), str(tmp_path / "model")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli, ["convert", str(tmp_path / "model"), str(tmp_path / "back.safetensors"),
+                                 "--naming", "torchvision"])
+    assert result.exit_code == 0, result.output
+    back = torch_load_safetensors(str(tmp_path / "back.safetensors"))
+    assert "layer1.0.conv1.weight" in back and not any(key.startswith("features.") for key in back)
+    again = randomised_resnet(2)
+    again.load_state_dict(back, strict=True)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_convert_script_reads_safetensors_without_pytorch(tmp_path, images):
+    """`python scripts/convert_weights.py IN.safetensors OUT` in a process where torch cannot be imported."""
+    reference = torch_arm_model(seed=5)
+    save_safetensors({k: v.numpy() for k, v in reference.state_dict().items()}, tmp_path / "arm.safetensors")
+    block_torch = ("import sys, runpy; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; "
+                   "runpy.run_path(sys.argv[0], run_name='__main__')")
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", block_torch, str(REPO / "scripts" / "convert_weights.py"),
+                             str(tmp_path / "arm.safetensors"), str(tmp_path / "model")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    loaded = load_model_directory(tmp_path / "model")
+    assert np.abs(flax_logits(loaded, images) - logits_of(reference, images)).max() <= 1e-4

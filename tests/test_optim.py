@@ -16,40 +16,65 @@ def _loss_grad(w, x, y):
     return 2.0 * x.T @ (x @ w - y)
 
 
+# Leaves named as in the model, of the sizes that matter: weight decay must reach every one,
+# alpha included (the released code's Adam decays all parameters).
+LEAVES = {("backbone", "conv1", "kernel"): 5, ("arm", "affinity", "alpha"): 1, ("fc", "bias"): 3}
+
+
+def _nest(flat: dict) -> dict:
+    tree = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
 @pytest.mark.parametrize("sampler,gamma", [("shuffle", 0.9), ("mrr", 0.78)])
 def test_matches_torch_adam_with_l2_and_exponential_lr(sampler, gamma):
     steps_per_epoch, epochs = 3, 2
     config = TrainConfig(sampler=sampler, lr=1e-2, weight_decay=1e-1)  # large decay: visible
     assert config.lr_gamma == gamma
     rng = np.random.default_rng(0)
-    w0 = rng.normal(size=(5,)).astype(np.float64)
-    batches = [(rng.normal(size=(4, 5)), rng.normal(size=(4,))) for _ in range(6)]
+    w0 = {path: rng.normal(size=(n,)) for path, n in LEAVES.items()}
+    batches = [{path: (rng.normal(size=(4, n)), rng.normal(size=(4,))) for path, n in LEAVES.items()}
+               for _ in range(steps_per_epoch * epochs)]
 
-    # torch reference.
-    wt = torch.tensor(w0, requires_grad=True)
-    opt = torch.optim.Adam([wt], lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
+    # torch reference: one Adam over all the leaves.
+    wt = {path: torch.tensor(w, requires_grad=True) for path, w in w0.items()}
+    opt = torch.optim.Adam(list(wt.values()), lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
                            weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=gamma)
     torch_path = []
     for epoch in range(epochs):
         for s in range(steps_per_epoch):
-            x, y = batches[epoch * steps_per_epoch + s]
+            batch = batches[epoch * steps_per_epoch + s]
             opt.zero_grad()
-            loss = ((torch.tensor(x) @ wt - torch.tensor(y)) ** 2).sum()
+            loss = sum(((torch.tensor(x) @ wt[path] - torch.tensor(y)) ** 2).sum() for path, (x, y) in batch.items())
             loss.backward()
             opt.step()
-            torch_path.append(wt.detach().numpy().copy())
+            torch_path.append({path: w.detach().numpy().copy() for path, w in wt.items()})
         sched.step()
 
-    # optax.
+    # optax, on the same leaves nested as model parameters.
     tx = make_optimizer(config, steps_per_epoch)
-    w = jnp.asarray(w0, dtype=jnp.float32)
+    w = _nest({path: jnp.asarray(v, dtype=jnp.float32) for path, v in w0.items()})
     state = tx.init(w)
-    for i, (x, y) in enumerate(batches):
-        g = _loss_grad(w, jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
+    for i, batch in enumerate(batches):
+        g = _nest({path: _loss_grad(_leaf(w, path), jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
+                   for path, (x, y) in batch.items()})
         updates, state = tx.update(g, state, w)
         w = optax.apply_updates(w, updates)
-        np.testing.assert_allclose(np.asarray(w), torch_path[i], rtol=1e-5, atol=1e-6)
+        for path in LEAVES:
+            np.testing.assert_allclose(np.asarray(_leaf(w, path)), torch_path[i][path], rtol=1e-5, atol=1e-6,
+                                       err_msg="/".join(path))
+
+
+def _leaf(tree: dict, path: tuple):
+    for key in path:
+        tree = tree[key]
+    return tree
 
 
 def test_schedule_is_constant_within_an_epoch():

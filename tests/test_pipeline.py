@@ -39,7 +39,7 @@ def _loader(split, **kw):
 
 def _same(batches_a, batches_b):
     assert len(batches_a) == len(batches_b)
-    for a, b in zip(batches_a, batches_b):
+    for a, b in zip(batches_a, batches_b, strict=True):
         assert a.keys() == b.keys() == {"image", "label", "erase"}
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
@@ -154,16 +154,26 @@ def test_host_resize_matches_device_resize_after_preprocessing():
 
 
 def test_variable_size_images_are_staged_on_the_host():
-    class MixedSizes(TinySplit):
+    """Each image is RESIZED to the staging size (not cropped or padded): checked per image."""
+
+    class MixedSizes(TexturedSplit):
         def __getitem__(self, i):
             record = super().__getitem__(i)
-            side = 10 + i % 3
+            side = 10 + i % 3  # 10, 11, 12 px
             return {**record, "image": record["image"][:side, :side]}
 
-    batch = next(iter(_loader(MixedSizes(n=12), train=False, image_size=16)))
-    assert batch["image"].shape == (8, 16, 16, 1)
-    staged = next(iter(_loader(MixedSizes(n=12), train=False, staging_size=10)))
-    assert staged["image"].shape == (8, 10, 10, 1)
+    def resized(image, side):  # second implementation: jax.image.resize, the device convention
+        out = jax.image.resize(image.astype(np.float32), (side, side, 3), "bilinear", antialias=True)
+        return np.asarray(out)
+
+    split = MixedSizes(n=12, side=12)
+    for options, side in ((dict(image_size=16), 16), (dict(staging_size=10), 10)):
+        batch = next(iter(_loader(split, train=False, **options)))
+        assert batch["image"].shape == (8, side, side, 3)
+        for i in range(8):  # evaluation batches are in file order
+            native = split[i]["image"]
+            difference = np.abs(batch["image"][i].astype(np.float32) - resized(native, side))
+            assert difference.max() <= 2.0, (i, native.shape, side)  # uint8 rounding of two conventions
 
 
 def test_two_workers_give_the_same_batches_and_resume():

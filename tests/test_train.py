@@ -13,10 +13,11 @@ import jax
 import numpy as np
 import pytest
 
-from arm_jax.training.checkpoints import Checkpoints, load_model_from_checkpoint
+from arm_jax.training.checkpoints import Checkpoints, load_model_from_checkpoint, read_model_info
 from arm_jax.training.config import TrainConfig, from_overrides
 from arm_jax.errors import UserError
 from arm_jax.training.loop import LossIsNaN, train
+from tests.fixtures import write_raf_db_missing_images
 
 REPO = Path(__file__).resolve().parents[1]
 # 96 px, not 64: at 64 the ARM representation is 1x1 (one BN-normalised value, a
@@ -25,18 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = dict(dataset="synthetic", image_size=96, batch_size=16, eval_batch_size=32,
             max_train_examples=96, max_eval_examples=32, epochs=2, parallel="none",
             checkpoint_every_steps=0, quiet=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Share compiled steps between this module's runs (and its subprocess): same HLO."""
-    directory = str(tmp_path_factory.mktemp("jax_cache"))
-    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    yield directory
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
 
 
 def _final(workdir):
@@ -95,32 +84,60 @@ def test_resume_at_an_epoch_boundary_is_bitwise(tmp_path, reference_run):
     _assert_same_run(reference_run, _final(tmp_path))
 
 
-def test_sigterm_mid_epoch_saves_and_resumes_bitwise(tmp_path, reference_run, compilation_cache):
+def test_sigterm_at_a_known_step_saves_and_resumes_bitwise(tmp_path, reference_run):
+    """A real SIGTERM, raised by the stop hook at step 3: the handler's path, at a known step."""
+
+    def send_sigterm_at_step_3(step, stop):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # the installed handler sets the flag
+
+    handler_before = signal.getsignal(signal.SIGTERM)
+    summary = train(TrainConfig(**TINY, workdir=str(tmp_path)), after_step=send_sigterm_at_step_3)
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM"
+    assert summary["signum"] == signal.SIGTERM
+    assert (summary["epoch"], summary["batches_done"], summary["step"]) == (0, 3, 3)  # mid-epoch
+    assert Checkpoints(tmp_path).latest_step() == 3
+    assert signal.getsignal(signal.SIGTERM) is handler_before  # the previous handler is back
+
+    resumed = train(TrainConfig(**TINY, workdir=str(tmp_path)))
+    assert resumed["status"] == "done" and resumed["step"] == 12
+    _assert_same_run(reference_run, _final(tmp_path))
+
+
+def test_stop_request_at_an_epoch_end_saves_that_epoch(tmp_path):
+    """A stop asked for at the last step of an epoch keeps the whole epoch (validated, logged)."""
+    summary = train(TrainConfig(**TINY, workdir=str(tmp_path)),
+                    after_step=lambda step, stop: step == 6 and stop.request(signal.SIGINT))
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGINT"
+    assert (summary["epoch"], summary["batches_done"], summary["step"]) == (1, 0, 6)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_ctrl_c_through_the_cli_exits_130_with_a_checkpoint(tmp_path):
+    """The real signal path end to end: `arm-jax train` in a process, SIGINT after its first step."""
     args = [sys.executable, "-m", "cli.train", "--workdir", str(tmp_path), "--quiet"]
     for key, value in TINY.items():
         if key != "quiet":
             flag = {"checkpoint_every_steps": "checkpoint-every", "worker_count": "workers"}.get(key, key)
             args += [f"--{flag.replace('_', '-')}", str(value)]
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache, JAX_PLATFORMS="cpu")
+    # The session's compilation cache comes through the environment (tests/conftest.py).
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     seen = []
     for line in proc.stderr:  # wait until one step is done, then ask it to stop
         seen.append(line)
         if "first step done" in line:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGINT)
             break
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGTERM, "".join(seen) + err
+    assert proc.returncode == 128 + signal.SIGINT == 130, "".join(seen) + err
     summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM"
-    assert summary["epoch"] == 0 and 1 <= summary["batches_done"] < 6  # mid-epoch
-    assert Checkpoints(tmp_path).latest_step() == summary["batches_done"]
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGINT"
+    # Where it stopped depends on timing; that it saved exactly there does not.
+    assert 1 <= summary["step"] < 12
+    assert Checkpoints(tmp_path).latest_step() == summary["step"]
     assert "saved a checkpoint" in err
-
-    resumed = train(TrainConfig(**TINY, workdir=str(tmp_path)))
-    assert resumed["status"] == "done" and resumed["step"] == 12
-    _assert_same_run(reference_run, _final(tmp_path))
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -133,6 +150,46 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert last is not None and last == nan_step - 1
     _, _, variables = load_model_from_checkpoint(tmp_path, which="latest")
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(variables))
+
+
+def test_bad_records_stop_training_before_anything_is_written(tmp_path, rng):
+    data = write_raf_db_missing_images(tmp_path / "raf", rng)  # 7 of 10 training images
+    workdir = tmp_path / "run"
+    with pytest.raises(UserError) as caught:
+        train(TrainConfig(**{**TINY, "dataset": "raf_db"}, data_dir=str(data), workdir=str(workdir)))
+    message = str(caught.value)
+    assert "7 bad record(s)" in message and "... and 2 more" in message and "--skip-bad" in message
+    assert message.count("train_0000") == 5  # the first five, by name
+    assert not (workdir / "checkpoints").exists() and not (workdir / "metrics.jsonl").exists()
+
+
+def test_keeps_the_last_3_checkpoints_and_the_best_by_validation_wa(tmp_path, monkeypatch):
+    """Validation WA scripted to peak at epoch 2 of 4: best stays there, latest keeps steps 4, 6, 8."""
+    from arm_jax.training import loop
+
+    scripted_wa = iter([0.2, 0.6, 0.4, 0.5])
+    real_validate = loop.validate
+
+    def validate_with_scripted_wa(run, state):
+        return {**real_validate(run, state), "wa": next(scripted_wa)}
+
+    monkeypatch.setattr(loop, "validate", validate_with_scripted_wa)
+    config = TrainConfig(**{**TINY, "epochs": 4, "max_train_examples": 32}, workdir=str(tmp_path))  # 2 steps/epoch
+    summary = train(config)
+    assert summary["best_val_wa"] == 0.6 and summary["best_epoch"] == 2
+    steps = lambda kind: sorted(int(p.name) for p in (tmp_path / "checkpoints" / kind).iterdir() if p.name.isdigit())
+    assert steps("latest") == [4, 6, 8]
+    assert steps("best") == [4]
+    assert read_model_info(tmp_path, which="best")[1] == 4
+
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4] and [r["step"] for r in records] == [2, 4, 6, 8]
+    assert [r["val_wa"] for r in records] == [0.2, 0.6, 0.4, 0.5]
+    assert set(records[0]) == {"epoch", "step", "train_loss", "train_acc", "val_wa", "val_ua", "val_loss",
+                               "val_per_class", "lr", "time_s", "images_per_s"}
+    assert [r["lr"] for r in records] == pytest.approx([1e-3 * 0.9**e for e in range(4)])
+    assert set(records[0]["val_per_class"]) == set(load_model_from_checkpoint(tmp_path, "latest")[1])
+    assert all(0 <= r["train_acc"] <= 1 and r["train_loss"] > 0 and r["images_per_s"] > 0 for r in records)
 
 
 # -- end to end ---------------------------------------------------------------------------

@@ -8,7 +8,7 @@ test module that imports it (the suite still collects without PyTorch).
 import pytest
 
 torch = pytest.importorskip("torch")
-from torch import nn  # noqa: E402
+from torch import nn
 
 
 class BasicBlock(nn.Module):

@@ -8,6 +8,7 @@ test depends on another having run first.
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import tempfile
 
@@ -22,6 +23,9 @@ def pytest_addoption(parser):
     parser.addoption("--reverse", action="store_true", help="run the collected tests in reverse order")
     parser.addoption("--jax-cache-dir", default=None,
                      help="persistent JAX compilation cache (default: a fresh temporary folder per session)")
+    parser.addoption("--cpu-durations", type=int, default=0, metavar="N",
+                     help="list the N tests that used the most CPU time (setup + call, subprocesses included): "
+                          "unlike wall time, it hardly changes when other programs load the machine")
 
 
 def pytest_configure(config):
@@ -41,12 +45,36 @@ def pytest_configure(config):
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = str(_CACHE_MIN_COMPILE_SECONDS)
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", _CACHE_MIN_COMPILE_SECONDS)
+    config._arm_jax_cpu_seconds = {}
 
 
 def pytest_unconfigure(config):
     directory = getattr(config, "_arm_jax_cache_to_remove", None)
     if directory:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    start = _cpu_seconds()
+    try:
+        return (yield)
+    finally:
+        item.config._arm_jax_cpu_seconds[item.nodeid] = _cpu_seconds() - start
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    count = config.getoption("--cpu-durations")
+    if count:
+        used = config._arm_jax_cpu_seconds
+        terminalreporter.section(f"CPU time: {sum(used.values()):.0f} s in all; the top {count}")
+        for nodeid, seconds in sorted(used.items(), key=lambda kv: -kv[1])[:count]:
+            terminalreporter.write_line(f"{seconds:8.1f} s  {nodeid}")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -44,6 +44,7 @@ def predict(checkpoint, images, detect_faces, every, annotate, batch_size, json_
         results = predict_faces(checkpoint, list(images), every=every, annotate=annotate)
         table = faces_table(results)
     if json_out:
-        write_json(json.dumps([dataclasses.asdict(r) for r in results], indent=2), json_out)
+        write_json(json.dumps([r.as_dict() if detect_faces else dataclasses.asdict(r) for r in results], indent=2),
+                   json_out)
     if json_out != "-":
         click.echo(table)

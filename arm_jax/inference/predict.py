@@ -8,7 +8,7 @@ image's answer does not depend on the others.
 """
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -62,6 +62,12 @@ class FileFaces:
     frames: list[FramePredictions] = field(default_factory=list)
     message: str | None = None
     annotated: str | None = None
+
+    def as_dict(self) -> dict:
+        """For JSON: a photo has `faces`, a video `frames`, not both."""
+        result = asdict(self)
+        del result["frames" if self.kind == "image" else "faces"]
+        return result
 
 
 class Classifier(Protocol):
@@ -186,6 +192,16 @@ class FacePipeline:
 
     def __init__(self, classifier: Classifier):
         self.classifier, self.detector = classifier, FaceDetector()
+        self._written: set[Path] = set()
+
+    def annotation_path(self, annotate_dir: Path, source: Path, suffix: str) -> Path:
+        """NAME.annotated.SUFFIX, numbered when two inputs share a name (no output overwrites another)."""
+        destination, number = annotate_dir / f"{source.stem}.annotated{suffix}", 1
+        while destination in self._written:
+            number += 1
+            destination = annotate_dir / f"{source.stem}-{number}.annotated{suffix}"
+        self._written.add(destination)
+        return destination
 
     def faces_in(self, image: np.ndarray) -> list[FacePrediction]:
         boxes = self.detector.detect(image)
@@ -205,7 +221,7 @@ class FacePipeline:
         faces = self.faces_in(image)
         result = FileFaces(str(path), "image", faces=faces, message=None if faces else NO_FACE)
         if annotate_dir is not None:
-            destination = annotate_dir / f"{path.stem}.annotated.png"
+            destination = self.annotation_path(annotate_dir, path, ".png")
             Image.fromarray(self.annotated(image, faces)).save(destination)
             result.annotated = str(destination)
         return result
@@ -221,7 +237,7 @@ class FacePipeline:
                 result.frames.append(FramePredictions(index, round(time_s, 3), faces))
                 if annotate_dir is not None:
                     if writer is None:  # the analysed frames, at the rate that keeps the video's duration
-                        writer = VideoWriter(annotate_dir / f"{path.stem}.annotated{path.suffix.lower()}",
+                        writer = VideoWriter(self.annotation_path(annotate_dir, path, path.suffix.lower()),
                                              reader.fps / every, frame.shape[1], frame.shape[0])
                     writer.write(self.annotated(frame, faces))
         finally:

@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from arm_jax.errors import UserError
+from arm_jax.training.distributed import barrier
 from arm_jax.training.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ class Checkpoints:
         host_target = jax.tree.map(np.asarray, _split(target))
         items = {name: ocp.args.StandardRestore(tree) for name, tree in host_target.items()}
         items["progress"] = ocp.args.JsonRestore()
+        barrier("restore")  # orbax's restore runs collectives
         failures = []
         for step in sorted(self.latest.all_steps(), reverse=True):
             where = self.root / "latest" / str(step)
@@ -124,17 +126,15 @@ class Checkpoints:
         """Rename corrupt 'latest' steps and 'best' steps newer than the resumed one out of
         orbax's sight (orbax silently skips saving a step at or below its newest)."""
         newer_best = [self.root / "best" / str(s) for s in self.best.all_steps() if s > after_step]
-        if not corrupt and not newer_best:
-            return
+        barrier("listed checkpoints")  # every process has looked before process 0 renames
         if jax.process_index() == 0:
             for path in corrupt + newer_best:
                 aside = _free_name(path, "corrupt" if path in corrupt else "superseded")
                 os.replace(path, aside)
                 log.warning("%s: set aside as %s", path, aside.name)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("arm_jax checkpoints set aside")
+        barrier("set aside")
+        if not corrupt and not newer_best:
+            return
         self.close()
         self._open()
 

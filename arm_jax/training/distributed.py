@@ -10,6 +10,7 @@ by-hand launch fails with "Number of processes must be defined".
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 
@@ -23,8 +24,11 @@ ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 # A process that sends no heartbeat for this long is declared dead and the others stop
 # (jax's default is 100 s); short enough that a SIGKILLed peer ends the run within 2 minutes.
 HEARTBEAT_TIMEOUT_S = 30
-# How long a process waits for all the others to join before giving up.
+# How long a process waits for all the others to join (and at barriers) before giving up.
 INITIALIZATION_TIMEOUT_S = 300
+# How long an exiting process waits for the others to exit too.
+SHUTDOWN_TIMEOUT_S = 60
+_barriers = itertools.count()  # barrier ids: every process passes the same barriers in order
 
 
 def launch_settings(environ=os.environ) -> dict:
@@ -59,13 +63,29 @@ def initialize(*, heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S,
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(**settings, initialization_timeout=initialization_timeout_s,
-                                   heartbeat_timeout_seconds=heartbeat_timeout_s)
+                                   heartbeat_timeout_seconds=heartbeat_timeout_s,
+                                   shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S)
     except (ValueError, RuntimeError) as err:
         where = settings.get("coordinator_address", "auto-detected cluster")
         raise UserError(f"--distributed: cannot join the run's processes ({where}): "
                         f"{str(err).splitlines()[0][:300]}") from err
     log.info("process %d of %d (%d local devices, %d in all)", jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def barrier(name: str, timeout_s: int = INITIALIZATION_TIMEOUT_S) -> None:
+    """Wait until every process of the run gets here (nothing to wait for with one process).
+
+    gloo gives the processes 30 s to meet at each new collective; compilations and restores
+    can drift apart by more than that on a busy machine, so the runtime's barrier (with its
+    own timeout) brings them together first.
+    """
+    if jax.process_count() < 2:
+        return
+    from jax._src import distributed as jax_distributed  # the runtime client (no public API)
+
+    jax_distributed.global_state.client.wait_at_barrier(f"arm_jax/{next(_barriers)}/{name}",
+                                                        timeout_s * 1000)
 
 
 # What a collective or barrier says when a peer process is gone.

@@ -24,6 +24,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from arm_jax.errors import UserError
 from arm_jax.models import with_runtime
+from arm_jax.training.distributed import barrier
 
 AXIS = "batch"
 MODES = ("none", "pmap", "jit")
@@ -116,12 +117,12 @@ class Parallel:
     def compile_train(self, train_step: Callable) -> Callable:
         """train_step(state, batch, rng) compiled for this mode; the input state is donated."""
         if self.mode == "pmap":
-            return jax.pmap(train_step, axis_name=AXIS, in_axes=(0, 0, None),
-                            devices=list(self.mesh.devices.flat), donate_argnums=0)
+            return _meet_after_compiling(jax.pmap(train_step, axis_name=AXIS, in_axes=(0, 0, None),
+                                                  devices=list(self.mesh.devices.flat), donate_argnums=0))
         if self.mode == "jit":
             # The updated state stays replicated, like the state that came in.
-            return jax.jit(train_step, donate_argnums=0,
-                           out_shardings=NamedSharding(self.mesh, P()))
+            return _meet_after_compiling(jax.jit(train_step, donate_argnums=0,
+                                                 out_shardings=NamedSharding(self.mesh, P())))
         return jax.jit(train_step, donate_argnums=0)
 
     def compile_eval(self, make_eval_step: Callable) -> Callable:
@@ -132,8 +133,8 @@ class Parallel:
         a batch GAR: it runs whole on every device (pmap: on the first copy, with a plain jit).
         """
         if self.mode == "pmap":
-            sharded = jax.pmap(make_eval_step(AXIS), axis_name=AXIS,
-                               devices=list(self.mesh.devices.flat))
+            sharded = _meet_after_compiling(jax.pmap(make_eval_step(AXIS), axis_name=AXIS,
+                                                     devices=list(self.mesh.devices.flat)))
             single = jax.jit(make_eval_step(None))
             device = self.mesh.devices.flat[0]
 
@@ -150,7 +151,7 @@ class Parallel:
 
             return evaluate
 
-        step = jax.jit(make_eval_step(None))
+        step = _meet_after_compiling(jax.jit(make_eval_step(None)))
         replicated = NamedSharding(self.mesh, P())
 
         def evaluate(state, batch):
@@ -167,6 +168,25 @@ class Parallel:
             return out
 
         return evaluate
+
+
+def _meet_after_compiling(compiled_lazily: Callable) -> Callable:
+    """With several processes: compile each new input signature ahead, wait for all the
+    processes (distributed.barrier), then run. Compilation times differ between processes
+    by more than the 30 s gloo gives them to meet at a new collective. One process: as is."""
+    if jax.process_count() < 2:
+        return compiled_lazily
+    executables = {}
+
+    def run(*args):
+        signature = str(jax.tree.map(lambda x: (np.shape(x), str(getattr(x, "dtype", type(x))),
+                                               str(getattr(x, "sharding", ""))), args))
+        if signature not in executables:
+            executables[signature] = compiled_lazily.lower(*args).compile()
+            barrier("compiled")
+        return executables[signature](*args)
+
+    return run
 
 
 def make_parallel(mode: str) -> Parallel:

@@ -104,3 +104,20 @@ def test_export_refuses_a_model_without_running_gar(tmp_path):
         export_model(model_dir, tmp_path / "out.onnx")
     with pytest.raises(UserError, match=r"\.onnx"):
         export_model(model_dir, tmp_path / "out.onx")
+
+
+def test_checkpoint_predictions_use_the_persistent_compilation_cache(tmp_path):
+    """Without a cache chosen, predict's JAX path caches compiled programs in $ARM_JAX_CACHE/jax-compile."""
+    import os
+
+    chosen = tmp_path / "chosen"
+    program = ("import jax; from arm_jax.inference.jax_classifier import enable_compilation_cache\n"
+               "print(enable_compilation_cache(), jax.config.jax_compilation_cache_dir)\n"
+               f"jax.config.update('jax_compilation_cache_dir', {str(chosen)!r})\n"  # a folder the user chose wins
+               "print(enable_compilation_cache(), jax.config.jax_compilation_cache_dir)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env["ARM_JAX_CACHE"] = str(tmp_path)
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(tmp_path / "jax-compile")] * 2 + [str(chosen)] * 2
+    assert (tmp_path / "jax-compile").is_dir()

@@ -1,10 +1,10 @@
 """evaluate / predict / calibrate on real files: an authors'-format .pth, PNG faces, the CLI."""
 
+import copy
 import json
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -18,7 +18,9 @@ from arm_jax.interop.model_files import load_any_model, save_model
 from arm_jax.models import with_runtime
 from arm_jax.inference.predict import predict
 from cli.main import cli
-from tests.torch_reference import TorchARMResNet18, randomise_batchnorm
+
+torch = pytest.importorskip("torch")
+from tests.torch_reference import randomised_arm
 
 SIZE = 96  # a 3x3 representation: enough for a random model to spread its predictions
 BATCH = 32
@@ -27,9 +29,7 @@ BATCH = 32
 @pytest.fixture(scope="module")
 def authors_checkpoint(tmp_path_factory):
     """A randomly initialised ARM model saved the way the authors' training script saves it."""
-    torch.manual_seed(0)
-    model = TorchARMResNet18(num_classes=7, image_size=SIZE)
-    randomise_batchnorm(model, torch.Generator().manual_seed(0))
+    model = randomised_arm(0, image_size=SIZE)
     with torch.no_grad():  # a spread of classes, so that agreeing predictions mean something
         model.fc.weight.normal_(0.0, 30.0, generator=torch.Generator().manual_seed(1))
         model.fc.bias.zero_()
@@ -66,25 +66,47 @@ def test_authors_checkpoint_predictions_match_pytorch(authors_checkpoint):
     assert len(set(predictions.tolist())) >= 2
 
 
+def _png_cell_shades(path, rows: int, columns: int) -> np.ndarray:
+    """The red level inside each cell of report.confusion_png's grid (64 px cells at (120, 90))."""
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    return np.array([[pixels[90 + 64 * i + 56, 120 + 64 * j + 56, 0] for j in range(columns)] for i in range(rows)])
+
+
+@pytest.mark.slow  # three evaluations of the 700 test images
 def test_evaluate_cli_json_table_and_png(authors_checkpoint, tmp_path):
-    path, _ = authors_checkpoint
+    path, torch_model = authors_checkpoint
     runner = CliRunner()
-    result = runner.invoke(cli, ["evaluate", "--checkpoint", str(path), "--dataset", "synthetic", "--gar", "batch",
-                                 "--batch-size", "64", "--json", "-", "--png", str(tmp_path / "cm.png")])
+    base = ["evaluate", "--checkpoint", str(path), "--dataset", "synthetic", "--gar", "batch", "--batch-size", "64"]
+    result = runner.invoke(cli, [*base, "--json", "-", "--png", str(tmp_path / "cm.png")])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     confusion = np.asarray(report["confusion"])
     assert confusion.sum() == report["count"] == 700 and report["shuffled"] and report["batch_size"] == 64
+    # Rows are the TRUE classes: each row holds that class's 100 test images (predictions are not balanced).
+    labels = SyntheticSplit("test").labels
+    np.testing.assert_array_equal(confusion.sum(axis=1), np.bincount(labels, minlength=7))
     assert report["wa"] == pytest.approx(np.trace(confusion) / confusion.sum())
     recalls = np.diag(confusion) / confusion.sum(axis=1)
     assert report["ua"] == pytest.approx(recalls.mean())
+    assert [report["per_class"][name] for name in CLASS_NAMES] == pytest.approx(list(recalls))
     assert report["class_names"] == list(CLASS_NAMES)
-    with Image.open(tmp_path / "cm.png") as image:
-        assert image.size[0] > 300 and image.size[1] > 300
+    # The PNG draws that matrix, row-normalised, a row per true class.
+    shades = _png_cell_shades(tmp_path / "cm.png", 7, 7)
+    np.testing.assert_array_equal(shades, (255 * (1 - confusion / confusion.sum(axis=1, keepdims=True))).astype(int))
 
-    table = runner.invoke(cli, ["evaluate", "--checkpoint", str(path), "--dataset", "synthetic", "--gar", "batch",
+    # --no-shuffle: file order, so the batches (and the batch GARs) are PyTorch's in file order.
+    table = runner.invoke(cli, [*base, "--no-shuffle", "--json", str(tmp_path / "ordered.json"),
                                 "--png", str(tmp_path / "cm2.png")])
-    assert table.exit_code == 0 and "WA (accuracy)" in table.output and "batch size 64 (shuffled, seed 0)" in table.output
+    assert table.exit_code == 0 and "WA (accuracy)" in table.output and "batch size 64 (in file order, seed 0)" in table.output
+    ordered = np.asarray(json.loads((tmp_path / "ordered.json").read_text())["confusion"])
+    expected = np.zeros((7, 7), np.int64)
+    np.add.at(expected, (labels, torch_batch_logits(torch_model, SyntheticSplit("test"), 64).argmax(-1)), 1)
+    np.testing.assert_array_equal(ordered, expected)
+    # Shuffled batches hold other images together, so batch-GAR predictions change; --seed picks the order.
+    other_seed = runner.invoke(cli, [*base, "--seed", "1", "--json", "-", "--png", str(tmp_path / "cm3.png")])
+    reseeded = np.asarray(json.loads(other_seed.stdout)["confusion"])
+    assert not np.array_equal(confusion, ordered) and not np.array_equal(confusion, reseeded)
 
 
 def test_running_gar_is_required_or_calibrated(authors_checkpoint):
@@ -95,19 +117,88 @@ def test_running_gar_is_required_or_calibrated(authors_checkpoint):
     assert bad.exit_code == 2 and "--gar" in bad.output and "'batch'" in bad.output
 
 
-def test_calibrated_gar_is_the_mean_representation(authors_checkpoint):
-    path, _ = authors_checkpoint
+def test_calibrated_gar_is_the_mean_of_the_batch_gars(authors_checkpoint):
+    """Calibration averages the training-mode GARs of ALL its batches, here against PyTorch's."""
+    path, torch_model = authors_checkpoint
     loaded = load_any_model(path).named(CLASS_NAMES, "test")
-    split = SyntheticSplit("train", size=64)
-    calibrated = calibrate_gar(loaded, split, batch_size=64, progress=False)
-    # Second implementation: the training-mode GAR of one batch holding all 64 images,
-    # which is what the running GAR accumulates during training.
-    images = np.stack([split[i]["image"] for i in range(len(split))])
-    x = host_preprocess(images, np.zeros((len(images), 4), np.int32), image_size=SIZE)
-    _, updates = loaded.model.apply(loaded.variables, x, train=True, mutable=["batch_stats", "gar"])
-    expected = updates["gar"]["arm"]["affinity"]["mean"]  # the first update takes the batch GAR as is
-    np.testing.assert_allclose(calibrated.variables["gar"]["arm"]["affinity"]["mean"], expected, rtol=1e-4, atol=1e-5)
+    split, batch_size = SyntheticSplit("train", size=48), 16
+    calibrated = calibrate_gar(loaded, split, batch_size=batch_size, seed=0, progress=False)
+    # Second implementation: the PyTorch model in training mode (BatchNorm on batch statistics) over
+    # the same shuffled batches calibration draws, each batch's mean representation, then their mean.
+    from arm_jax.data.pipeline import make_loader
+
+    loader = make_loader(split, batch_size=batch_size, seed=0, epoch=0, train=False, image_size=SIZE,
+                         shuffle_eval=True)
+    reference = copy.deepcopy(torch_model).train()
+    batch_gars = []
+    for batch in loader:
+        x = host_preprocess(batch["image"], np.zeros((len(batch["image"]), 4), np.int32), image_size=SIZE)
+        with torch.no_grad():
+            arm = reference.arm
+            arranged = arm.arrange(reference.features(torch.from_numpy(x).permute(0, 3, 1, 2)))
+            planes = torch.cat([arm.de_albino(arranged[:, c : c + 1]) for c in range(arranged.shape[1])], dim=1)
+            batch_gars.append(arm.bn(planes).mean(dim=1).mean(dim=0).numpy().reshape(-1))
+    assert len(batch_gars) == 3
+    expected = np.mean(batch_gars, axis=0)
+    got = np.asarray(calibrated.variables["gar"]["arm"]["affinity"]["mean"]).reshape(-1)
+    np.testing.assert_allclose(got, expected, atol=2e-3)
+    # The batches' GARs differ far more than that: the last batch alone, or an average that
+    # weights the batches unequally (an EMA), would not pass.
+    assert np.abs(batch_gars[-1] - expected).max() > 0.05, batch_gars
     assert calibrated.gar_calibrated and not loaded.gar_calibrated
+
+
+def test_calibrate_command_writes_the_gar_at_the_given_batch_size(authors_checkpoint, tmp_path):
+    """`arm-jax calibrate --batch-size B` stores the GAR that calibration at batch B computes."""
+    path, _ = authors_checkpoint
+    result = CliRunner().invoke(cli, ["calibrate", "--checkpoint", str(path), "--dataset", "synthetic",
+                                      "--output", str(tmp_path / "model"), "--batch-size", "16",
+                                      "--max-examples", "48"])
+    assert result.exit_code == 0, result.output
+    written = load_any_model(tmp_path / "model")
+    assert written.gar_calibrated and int(written.variables["gar"]["arm"]["affinity"]["count"]) == 48
+    expected = calibrate_gar(load_any_model(path), SyntheticSplit("train"), batch_size=16, max_examples=48,
+                             progress=False)
+    np.testing.assert_array_equal(written.variables["gar"]["arm"]["affinity"]["mean"],
+                                  expected.variables["gar"]["arm"]["affinity"]["mean"])
+    assert not np.allclose(expected.variables["gar"]["arm"]["affinity"]["mean"],  # batch size matters
+                           calibrate_gar(load_any_model(path), SyntheticSplit("train"), batch_size=48,
+                                         max_examples=48, progress=False).variables["gar"]["arm"]["affinity"]["mean"],
+                           atol=1e-3)
+
+
+@pytest.mark.slow
+def test_evaluate_calibrate_runs_at_the_training_batch_size(authors_checkpoint, monkeypatch):
+    """`evaluate --calibrate --calibrate-batch-size B` calibrates on the train split at batch B."""
+    import arm_jax.inference.evaluate as evaluate_module
+
+    path, _ = authors_checkpoint
+    seen = []
+
+    def recording_calibrate_gar(loaded, train_split, **options):  # the real calibration, observed
+        seen.append((train_split.name, options["batch_size"]))
+        return calibrate_gar(loaded, train_split, **options)
+
+    monkeypatch.setattr(evaluate_module, "calibrate_gar", recording_calibrate_gar)
+    result = CliRunner().invoke(cli, ["evaluate", "--checkpoint", str(path), "--dataset", "synthetic",
+                                      "--calibrate", "--calibrate-batch-size", "32", "--json", "-",
+                                      "--png", str(path.parent / "cm.png")])
+    assert result.exit_code == 0, result.output
+    assert len(seen) == 1 and seen[0][1] == 32 and "train" in seen[0][0]
+    assert json.loads(result.stdout)["gar"] == "running"
+
+
+def test_bad_records_stop_evaluation(authors_checkpoint, tmp_path, rng):
+    from tests.fixtures import write_raf_db_missing_images
+
+    path, _ = authors_checkpoint
+    data = write_raf_db_missing_images(tmp_path / "raf", rng)
+    # The test split is fine; --calibrate must read the training split, whose bad records stop it.
+    result = CliRunner().invoke(cli, ["evaluate", "--checkpoint", str(path), "--dataset", "raf_db", "--data-dir",
+                                      str(data), "--calibrate", "--png", str(tmp_path / "cm.png")])
+    assert result.exit_code == 2, result.output
+    assert "7 bad record(s)" in result.output and "... and 2 more" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "cm.png").exists()
 
 
 def test_predict_answers_per_image_independently(authors_checkpoint, tmp_path):

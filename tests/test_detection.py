@@ -1,6 +1,7 @@
 """`arm-jax predict --detect-faces` on real photos shipped by scikit-image, and on a video made from them."""
 
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -71,8 +72,11 @@ def test_photo_faces_json_and_annotated_image(onnx_model, tmp_path):
 
 
 def test_photo_without_face_says_so(onnx_model, tmp_path):
-    (result,) = predict_faces(onnx_model, [write_image(tmp_path / "coffee.png", data.coffee())])
-    assert result.faces == [] and result.message == NO_FACE
+    photos = [write_image(tmp_path / folder / "coffee.png", data.coffee()) for folder in ("a", "b")]
+    results = predict_faces(onnx_model, photos, annotate=tmp_path / "out")
+    assert [(r.faces, r.message) for r in results] == [([], NO_FACE)] * 2
+    # Two inputs with one name: two annotated files, neither overwritten.
+    assert len({r.annotated for r in results}) == 2 and all(Path(r.annotated).is_file() for r in results)
 
 
 def test_video_frames_and_annotated_video(onnx_model, tmp_path):

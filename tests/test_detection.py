@@ -44,6 +44,23 @@ def test_astronaut_has_one_face_on_the_face():
     assert inside(box.as_list(), ASTRONAUT_FACE) and box.width >= 0.6 * (ASTRONAUT_FACE[2] - ASTRONAUT_FACE[0])
 
 
+@pytest.mark.parametrize("degrees", [-15, 15])
+def test_tilted_face_is_turned_upright_by_its_eyes(degrees):
+    """The astronaut turned by 15 degrees: the eyes' angle is found and the crop comes back near the upright one."""
+    detector, photo = FaceDetector(), data.astronaut()
+    (upright,) = detector.detect(photo)
+    centre = (upright.x + upright.width / 2, upright.y + upright.height / 2)
+    turned = cv2.warpAffine(photo, cv2.getRotationMatrix2D(centre, degrees, 1.0), photo.shape[1::-1],
+                            borderMode=cv2.BORDER_REPLICATE)
+    (box,) = detector.detect(turned)
+    roll = detector.roll_degrees(turned, box)
+    assert abs(roll + degrees) <= 7  # the eyes' line leans against the turn (image y points down)
+    reference = crop_face(photo, upright, 96).astype(float)
+    as_found = np.abs(crop_face(turned, box, 96).astype(float) - reference).mean()
+    levelled = np.abs(crop_face(turned, box, 96, roll_degrees=roll).astype(float) - reference).mean()
+    assert levelled < 0.7 * as_found
+
+
 def test_crop_is_the_box_with_margin_and_pads_at_the_border():
     image = np.arange(100 * 100 * 3, dtype=np.uint32).reshape(100, 100, 3).astype(np.uint8)
     crop = crop_face(image, Box(40, 40, 20, 20), size=24, margin=0.1)  # 24 px square around the box

@@ -208,7 +208,9 @@ class FacePipeline:
         if not boxes:
             return []
         names = self.classifier.class_names
-        crops = np.stack([crop_face(image, box, self.classifier.image_size) for box in boxes])
+        size = self.classifier.image_size
+        crops = np.stack([crop_face(image, box, size, roll_degrees=self.detector.roll_degrees(image, box))
+                          for box in boxes])
         return [FacePrediction(box.as_list(), names[int(row.argmax())], {n: float(p) for n, p in zip(names, row)})
                 for box, row in zip(boxes, self.classifier.probabilities(crops))]
 

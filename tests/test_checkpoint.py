@@ -45,12 +45,12 @@ def test_round_trip_is_exact_and_keeps_optax_types(tmp_path, model_and_state):
     assert got_progress == progress
     assert jax.tree.structure(restored) == jax.tree.structure(state)
     assert isinstance(restored.opt_state[1], optax.ScaleByAdamState)
-    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
         assert a.dtype == b.dtype and np.array_equal(a, b)
 
     arch, names, variables = load_model_from_checkpoint(tmp_path, which="latest")
     assert ARMResNet18(**arch) == model and names == list("abcdefg")
-    for a, b in zip(jax.tree.leaves(state.variables), jax.tree.leaves(variables)):
+    for a, b in zip(jax.tree.leaves(state.variables), jax.tree.leaves(variables), strict=True):
         assert np.array_equal(a, np.asarray(b))
     with pytest.raises(UserError, match="holds no checkpoint"):
         load_model_from_checkpoint(tmp_path, which="best")

@@ -280,7 +280,7 @@ def test_evaluate_predict_and_calibrate_on_the_trained_checkpoint(trained_workdi
     loaded = load_any_model(trained_workdir)
     model = with_runtime(loaded.model, gar_mode="running")
     _, evaluated = predict_split(loaded, model, test, batch_size=16, seed=0, shuffled=False)
-    agreement = np.mean([r["label"] == int(p) for r, p in zip(rows, evaluated)])
+    agreement = np.mean([r["label"] == int(p) for r, p in zip(rows, evaluated, strict=True)])
     assert agreement >= 0.9  # host (PIL) vs device resizing of 64 -> 96 px may flip a near tie
 
     # calibrate: the GAR estimated from training images is close to the training-time running value,

@@ -1,0 +1,88 @@
+"""NHWC/HWIO convolutions whose gradients XLA:CPU runs faster when written another way.
+
+XLA computes the input gradient of a stride-s convolution as one convolution
+over the output gradient dilated with s-1 zeros between pixels, and on CPU that
+runs ~4x slower than the forward conv (measured on ResNet-18's 3x3 stride-2
+convs). The polyphase form computes the same sums without the zeros: input
+pixel s*q + a only meets the kernel taps i = a + pad (mod s), so each of the s*s
+phases of the input gradient is a small stride-1 convolution of the output
+gradient with those taps, and the phases are interleaved back. The 1x1 stride-s
+projection's filter gradient is a plain matrix product. Forward passes are unchanged.
+"""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+
+
+def plain_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    """Square stride, symmetric zero padding: PyTorch's Conv2d(bias=False) in NHWC."""
+    pads = ((padding, padding), (padding, padding))
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), pads, dimension_numbers=DIMENSIONS)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def strided_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    """`plain_conv` with the polyphase input gradient (1x1 kernels: the filter gradient as a matmul)."""
+    return plain_conv(x, kernel, stride, padding)
+
+
+def _strided_conv_fwd(x, kernel, stride, padding):
+    return plain_conv(x, kernel, stride, padding), (x, kernel)
+
+
+def _strided_conv_bwd(stride, padding, residuals, grad):
+    x, kernel = residuals
+    if kernel.shape[:2] == (1, 1) and padding == 0:
+        # XLA's own input gradient is as fast as a matmul + scatter here (measured); its filter gradient is not.
+        (input_grad,) = jax.vjp(lambda x: plain_conv(x, kernel, stride, padding), x)[1](grad)
+        kernel_grad = jnp.einsum("nhwc,nhwo->co", x[:, ::stride, ::stride, :], grad)[None, None]
+        return input_grad, kernel_grad.astype(kernel.dtype)
+    (kernel_grad,) = jax.vjp(lambda k: plain_conv(x, k, stride, padding), kernel)[1](grad)
+    return polyphase_input_grad(grad, kernel, stride, padding, x.shape), kernel_grad
+
+
+strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
+
+
+def _phase_taps(phase: int, stride: int, padding: int, kernel_size: int, in_size: int, out_size: int):
+    """For input pixels s*q + phase: (first tap, tap count, pad before, pad after, count of q)."""
+    first = (phase + padding) % stride
+    taps = max(0, -(-(kernel_size - first) // stride))
+    offset = (phase + padding - first) // stride  # grad index of tap `first` for q = 0
+    count = -(-(in_size - phase) // stride)
+    before = taps - 1 - offset
+    after = count + taps - 1 - out_size - before
+    return first, taps, before, after, count
+
+
+def polyphase_input_grad(grad, kernel, stride: int, padding: int, input_shape) -> jax.Array:
+    """d(plain_conv)/dx applied to `grad`, as s*s stride-1 convolutions interleaved (no dilated zeros)."""
+    n, height, width, channels = input_shape
+    kernel_size = kernel.shape[0]
+    side = -(-max(height, width) // stride)  # phases padded to a common side, cropped after interleaving
+    rows = []
+    for row_phase in range(stride):
+        r0, r_taps, r_before, r_after, r_count = _phase_taps(
+            row_phase, stride, padding, kernel_size, height, grad.shape[1])
+        row = []
+        for col_phase in range(stride):
+            c0, c_taps, c_before, c_after, c_count = _phase_taps(
+                col_phase, stride, padding, kernel_size, width, grad.shape[2])
+            if r_taps == 0 or c_taps == 0:
+                phase = jnp.zeros((n, r_count, c_count, channels), grad.dtype)
+            else:
+                # Taps of this phase, flipped (a correlation over grad) and with in/out channels swapped.
+                sub = kernel[r0::stride, c0::stride][::-1, ::-1].transpose(0, 1, 3, 2)
+                padded = jax.lax.pad(grad, jnp.zeros((), grad.dtype),
+                                     ((0, 0, 0), (r_before, r_after, 0), (c_before, c_after, 0), (0, 0, 0)))
+                phase = jax.lax.conv_general_dilated(padded, sub, (1, 1), "VALID", dimension_numbers=DIMENSIONS)
+            row.append(jnp.pad(phase, ((0, 0), (0, side - r_count), (0, side - c_count), (0, 0))))
+        rows.append(jnp.stack(row, axis=3))  # (N, side, side, s_col, C)
+    interleaved = jnp.stack(rows, axis=2)  # (N, side, s_row, side, s_col, C)
+    interleaved = interleaved.reshape(n, side * stride, side * stride, channels)
+    return interleaved[:, :height, :width, :].astype(grad.dtype)
+

@@ -1,0 +1,171 @@
+"""One command for a machine with one NVIDIA GPU: model speed and a short real training run, as one JSON file.
+
+    python scripts/gpu_check.py OUT_DIR            # GPU, at most ~8 minutes
+    python scripts/gpu_check.py OUT_DIR --smoke    # CPU, tiny sizes (what the test suite runs)
+
+Needs `pip install -e '.[cuda12,dev]'` (jax[cuda12]; PyTorch with CUDA for the
+comparison, optional: without it only arm-jax is measured). Writes
+OUT_DIR/gpu_check.json with:
+  benchmark: scripts/benchmark_model.py --device gpu at 224 px, batch 256, arm-jax
+    bfloat16 and float32 against PyTorch float32 / AMP bf16 / torch.compile
+    (forward and train, interleaved medians);
+  training: `train` on the synthetic set, 1 epoch at 224 px, --dtype bfloat16,
+    workers for the cores present: steady images/s (steps after the first two)
+    and the input pipeline's share (time the loop waited for a training batch /
+    wall time of those steps), plus validation seconds.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+FULL = {"device": "gpu", "batch": 256, "image_size": 224, "train_batch": 256, "rounds": 5,
+        "benchmark_timeout_s": 330, "max_train_examples": None}
+SMOKE = {"device": "cpu", "batch": 2, "image_size": 48, "train_batch": 4, "rounds": 1,
+         "benchmark_timeout_s": 300, "max_train_examples": 12}
+
+
+def environment() -> dict:
+    """What ran: host, accelerator, versions."""
+    import jax
+
+    info = {"host": platform.node(), "cpu_cores": os.cpu_count(), "python": platform.python_version(),
+            "jax": jax.__version__, "jax_devices": [d.device_kind for d in jax.devices()],
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "load_average": os.getloadavg()}
+    if shutil.which("nvidia-smi"):
+        query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
+        info["nvidia_smi"] = subprocess.run(query, capture_output=True, text=True).stdout.strip()
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_cuda"] = torch.cuda.is_available()
+    except ImportError:
+        info["torch"] = None
+    return info
+
+
+def run_benchmark(sizes: dict, out_dir: Path, smoke: bool) -> dict:
+    """scripts/benchmark_model.py in a subprocess (its own JAX/PyTorch memory), results from its --json."""
+    target = out_dir / "benchmark_model.json"
+    command = [sys.executable, str(REPO / "scripts" / "benchmark_model.py"), "--device", sizes["device"],
+               "--batch", str(sizes["batch"]), "--image-size", str(sizes["image_size"]),
+               "--rounds", str(sizes["rounds"]), "--json", str(target)]
+    if smoke:  # as little compiling as possible: arm-jax float32 forward only
+        command += ["--dtype", "float32", "--modes", "forward", "--no-torch", "--warmup", "1", "--inner", "1"]
+    else:
+        command += ["--dtype", "bfloat16", "float32"]
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=sizes["benchmark_timeout_s"], cwd=REPO)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {sizes['benchmark_timeout_s']} s", "command": command}
+    result = {"command": " ".join(command), "seconds": time.perf_counter() - started, "stdout": done.stdout}
+    if done.returncode != 0:
+        return {**result, "error": done.stderr.strip().splitlines()[-1:] or ["failed"]}
+    return {**result, **json.loads(target.read_text())}
+
+
+class _TimedIterator:
+    """A grain iterator that adds the seconds spent in __next__ to `waits` (state calls pass through)."""
+
+    def __init__(self, iterator, waits: list):
+        self._iterator, self._waits = iterator, waits
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            return next(self._iterator)
+        finally:
+            self._waits.append((start, time.perf_counter()))
+
+    def __getattr__(self, name):
+        return getattr(self._iterator, name)
+
+
+class _TimedLoader:
+    def __init__(self, loader, waits: list):
+        self._loader, self._waits = loader, waits
+
+    def __iter__(self):
+        return _TimedIterator(iter(self._loader), self._waits)
+
+
+def run_training(sizes: dict, out_dir: Path, workers: int) -> dict:
+    """One synthetic epoch through the real training loop, timing its waits for batches."""
+    from arm_jax.training import loop
+    from arm_jax.training.config import TrainConfig
+
+    train_waits, eval_waits, step_times = [], [], []
+    make_loader = loop._loader  # instrumented here only: the loop itself records no per-batch waits
+
+    def timed_loader(run, split, *, epoch, train):
+        return _TimedLoader(make_loader(run, split, epoch=epoch, train=train), train_waits if train else eval_waits)
+
+    config = TrainConfig(dataset="synthetic", image_size=sizes["image_size"], batch_size=sizes["train_batch"],
+                         epochs=1, dtype="bfloat16", worker_count=workers, workdir=str(out_dir / "train"),
+                         max_train_examples=sizes["max_train_examples"],
+                         max_eval_examples=sizes["max_train_examples"], quiet=True, checkpoint_every_steps=0)
+    loop._loader = timed_loader
+    started = time.perf_counter()
+    try:
+        summary = loop.train(config, after_step=lambda step, stop: step_times.append(time.perf_counter()))
+    finally:
+        loop._loader = make_loader
+    wall = time.perf_counter() - started
+    # Steady state: from the end of step 2 (compiled, queue filled) to the last step.
+    steady = step_times[2:] if len(step_times) > 3 else step_times[1:]
+    seconds = steady[-1] - steady[0] if len(steady) > 1 else float("nan")
+    waited = sum(end - start for start, end in train_waits if steady and steady[0] <= start < steady[-1])
+    records = [json.loads(line) for line in (out_dir / "train" / "metrics.jsonl").read_text().splitlines()]
+    return {
+        "config": {k: getattr(config, k) for k in ("image_size", "batch_size", "dtype", "worker_count", "epochs")},
+        "steps": len(step_times), "wall_s": wall, "status": summary.get("status"),
+        "steady_images_per_s": (len(steady) - 1) * config.batch_size / seconds if seconds == seconds else None,
+        "input_wait_share": waited / seconds if seconds == seconds and seconds > 0 else None,
+        "first_batch_wait_s": train_waits[0][1] - train_waits[0][0] if train_waits else None,
+        "validation_wait_s": sum(end - start for start, end in eval_waits),
+        "epoch_time_s": records[-1].get("time_s"), "val_wa": records[-1].get("val_wa"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, seconds")
+    parser.add_argument("--workers", type=int, default=None, help="default: cores - 2, at most 16 (smoke: 1)")
+    args = parser.parse_args()
+    sizes = SMOKE if args.smoke else FULL
+    if args.smoke:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import arm_jax  # noqa: F401  (XLA_FLAGS before JAX starts)
+    import jax
+
+    if not args.smoke and jax.default_backend() != "gpu":
+        sys.exit(f"gpu_check: JAX sees no GPU (backend {jax.default_backend()}); install jax[cuda12] or use --smoke")
+    workers = args.workers if args.workers is not None else (1 if args.smoke else max(1, min(16, (os.cpu_count() or 2) - 2)))
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    report = {"smoke": args.smoke, "environment": environment()}
+    report["benchmark"] = run_benchmark(sizes, args.out_dir, args.smoke)
+    report["training"] = run_training(sizes, args.out_dir, workers)
+    report["load_average_end"] = os.getloadavg()
+    (args.out_dir / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
+    print(json.dumps({k: report[k] for k in ("training",)}, indent=1, default=str))
+    print(report["benchmark"].get("stdout", report["benchmark"].get("error")))
+    print(f"wrote {args.out_dir / 'gpu_check.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -112,14 +112,17 @@ def epoch_layout(num_records: int, *, batch_size: int, shard_count: int, worker_
     to the same number of batches; after dropping the padding, the main process's
     round-robin over workers yields batch 0, 1, 2, ... exactly as with no workers.
 
-    Shards: train (drop_remainder) gives every shard num_records // shard_count records and
-    whole batches only, so all processes run the same number of steps; eval splits the
-    records as evenly as possible (np.array_split) and keeps a last, smaller batch.
+    Shards: train (drop_remainder) cuts the epoch into global batches of shard_count * b
+    records and gives shard s the s-th slice of each, so step j trains on the same records
+    whichever number of processes shares it (multi-process training equals one process),
+    all processes run the same number of steps, and only whole global batches are used;
+    eval splits the records as evenly as possible (np.array_split) and keeps a last,
+    smaller batch.
     """
     b, s_count, w_count = int(batch_size), int(shard_count), max(int(worker_count), 1)
     if drop_remainder:
-        per_shard = num_records // s_count // b * b
-        shards = [np.arange(s * (num_records // s_count), s * (num_records // s_count) + per_shard)
+        steps = num_records // (s_count * b)
+        shards = [(np.arange(steps)[:, None] * (s_count * b) + s * b + np.arange(b)).reshape(-1)
                   for s in range(s_count)]
     else:
         shards = np.array_split(np.arange(num_records), s_count)

@@ -61,6 +61,9 @@ class Checkpoints:
         self._writing: dict[str, int] = {}  # kind -> step of a save that may be in flight
 
     def _open(self) -> None:
+        # Opening a manager lists its steps on process 0 and broadcasts them (a collective):
+        # the processes must arrive within gloo's 30 s, whatever compiling held them up before.
+        barrier("open checkpoints")
         self.latest = _manager(self.root / "latest", self.keep, create=True)
         self.best = _manager(self.root / "best", 1, create=True)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import typing
 from pathlib import Path
 
@@ -17,11 +18,27 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "gar_mode": ("batch", "running"),
     "eval_split": ("val", "test"),
 }
+MAX_AUTO_WORKERS = 16  # beyond this, worker start-up costs more than a GPU step needs
+
+
+def worker_count_option(value: str | int) -> int:
+    """`--workers`: a count >= 0, or 'auto': one worker per core beside the main process (at least 1)."""
+    if str(value).strip().lower() == "auto":
+        return max(1, min(MAX_AUTO_WORKERS, (os.cpu_count() or 2) - 1))
+    try:
+        count = int(value)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise UserError(f"option --workers: expected 'auto' or a count >= 0, got {value!r}")
+    return count
 
 # Fields that may differ between a run and its resumption: more epochs, and knobs that do not
-# change what is computed (logging, worker processes, checkpoint cadence).
+# change what is computed (logging, worker processes, checkpoint cadence, where the workdir is:
+# a run moved to a disk with space resumes).
 RESUMABLE_CHANGES = frozenset(
-    {"epochs", "worker_count", "tensorboard", "quiet", "checkpoint_every_steps", "keep_checkpoints"}
+    {"epochs", "worker_count", "tensorboard", "quiet", "checkpoint_every_steps", "keep_checkpoints",
+     "workdir"}
 )
 
 

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from arm_jax.training.config import CHOICES, TrainConfig, from_overrides
+from arm_jax.training.config import CHOICES, TrainConfig, from_overrides, worker_count_option
 from arm_jax.errors import UserError
 
 _DEFAULTS = TrainConfig()
@@ -48,8 +48,9 @@ def _default(name: str):
               show_default=True, help="GAR at evaluation: the batch's (released code) or a running mean.")
 @click.option("--eval-split", type=click.Choice(CHOICES["eval_split"]), default=_default("eval_split"),
               show_default=True, help="Split validated on after every epoch.")
-@click.option("--workers", "worker_count", type=int, default=_default("worker_count"), show_default=True,
-              help="grain worker processes for reading and augmenting.")
+@click.option("--workers", "worker_count", default="auto", show_default=True,
+              callback=lambda ctx, param, value: worker_count_option(value),
+              help="grain worker processes for reading and augmenting; auto: one per core beside this one.")
 @click.option("--max-train-examples", type=int, default=None, help="Train on N random examples (quick runs).")
 @click.option("--max-eval-examples", type=int, default=None, help="Validate on N random examples.")
 @click.option("--checkpoint-every", "checkpoint_every_steps", type=int,

@@ -3,6 +3,7 @@
     python scripts/benchmark_model.py                      # CPU: forward + train, 112 and 224 px, batch 32, float32
     python scripts/benchmark_model.py --image-size 224 --batch 32 --modes train --rounds 9
     python scripts/benchmark_model.py --device gpu --batch 256 --image-size 224 --json out.json
+    python scripts/benchmark_model.py --layers --image-size 224   # per conv layer, forward + backward ms
 
 Run from the repository root (the PyTorch model is the one the parity tests
 build, tests/torch_reference.py). Every contender is warmed up, then the steps
@@ -159,6 +160,68 @@ def build_runners(args, mode: str, size: int) -> dict:
     return runners
 
 
+def resnet_convs(size: int) -> list[tuple]:
+    """(name, count, input side, in channels, out channels, kernel, stride, padding) of ResNet-18's convs."""
+    side = -(-size // 4)  # after conv1 and the max-pool
+    convs = [("conv1 7x7/2", 1, size, 3, 64, 7, 2, 3), ("layer1 3x3", 4, side, 64, 64, 3, 1, 1)]
+    for stage, width in ((2, 128), (3, 256), (4, 512)):
+        half = -(-side // 2)
+        convs += [(f"layer{stage}_0.conv1 3x3/2", 1, side, width // 2, width, 3, 2, 1),
+                  (f"layer{stage} 3x3", 3, half, width, width, 3, 1, 1),
+                  (f"layer{stage}_0.downsample 1x1/2", 1, side, width // 2, width, 1, 2, 0)]
+        side = half
+    return convs
+
+
+def layer_runners(batch: int, conv: tuple, torch_variants: list[str]) -> dict:
+    """Forward + both gradients of one conv: arm-jax's Conv module path against torch.nn.functional.conv2d."""
+    import torch
+
+    from arm_jax.models.resnet import Conv
+
+    _, _, side, cin, cout, k, stride, pad = conv
+    first = cin == 3  # the image needs no gradient
+    module = Conv(cout, k, stride, pad)
+    x = jax.random.normal(jax.random.key(0), (batch, side, side, cin))
+    params = module.init(jax.random.key(1), x)
+
+    @jax.jit
+    def step(params, x):
+        out, vjp = jax.vjp(lambda p, x: module.apply(p, x), params, x)
+        grads = vjp(jnp.ones_like(out))
+        return grads[0] if first else grads
+
+    runners = {"arm-jax float32": lambda: jax.block_until_ready(step(params, x))}
+    for variant in torch_variants:
+        layout = torch.channels_last if variant.endswith("-cl") else torch.contiguous_format
+        tx = torch.randn(batch, cin, side, side).contiguous(memory_format=layout).requires_grad_(not first)
+        tw = torch.randn(cout, cin, k, k).contiguous(memory_format=layout).requires_grad_(True)
+
+        def run(tx=tx, tw=tw):
+            out = torch.nn.functional.conv2d(tx, tw, stride=stride, padding=pad)
+            out.backward(torch.ones_like(out))
+            tw.grad = tx.grad = None
+
+        runners[f"PyTorch {variant}"] = run
+    return runners
+
+
+def layer_breakdown(args) -> None:
+    """Per conv layer of ResNet-18: forward + backward ms, interleaved, and the share of the step."""
+    variants = [v for _, (framework, v) in contenders(args).items() if framework == "torch"]
+    for size in args.image_size:
+        totals: dict[str, float] = {}
+        print(f"per-layer forward+backward ms, {size}x{size}, batch {args.batch} (load {os.getloadavg()[0]:.2f})")
+        for conv in resnet_convs(size):
+            runners = layer_runners(args.batch, conv, variants)
+            rates = interleaved_rates(runners, 1, args.rounds, args.warmup, 1)
+            ms = {name: 1e3 / rate for name, rate in rates.items()}
+            for name, value in ms.items():
+                totals[name] = totals.get(name, 0.0) + conv[1] * value
+            print(f"  {conv[0]:28s} x{conv[1]}  " + "  ".join(f"{n} {v:7.1f}" for n, v in ms.items()))
+        print("  all convs (x count)               " + "  ".join(f"{n} {v:7.1f}" for n, v in totals.items()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
@@ -173,6 +236,7 @@ def main() -> None:
     parser.add_argument("--no-torch", action="store_true", help="arm-jax only")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--layers", action="store_true", help="per-conv-layer breakdown (CPU, float32) instead")
     args = parser.parse_args()
     inner = args.inner or (10 if args.device == "gpu" else 1)
     header = {
@@ -189,6 +253,9 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True
         header.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
     print("; ".join(f"{k}={v}" for k, v in header.items()))
+    if args.layers:
+        layer_breakdown(args)
+        return
     results = []
     for size in args.image_size:
         for mode in args.modes:

@@ -1,7 +1,8 @@
-"""Worker counts: `--workers auto` fits the cores present; bad values are one-line errors."""
+"""Worker processes: `--workers auto` fits the cores; a run loader starts its workers once for all epochs."""
 
 import os
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -26,3 +27,36 @@ def test_cli_rejects_a_bad_worker_count_before_training(tmp_path):
     result = CliRunner().invoke(train, ["--workdir", str(tmp_path / "run"), "--workers", "many"])
     assert result.exit_code != 0 and isinstance(result.exception, UserError)
     assert "--workers" in str(result.exception) and not (tmp_path / "run").exists()
+
+
+def test_run_loader_starts_workers_once_and_equals_per_epoch_loaders():
+    """Three MRR epochs from one loader with 2 workers: same batches as three per-epoch loaders, same pids."""
+    import multiprocessing
+
+    from arm_jax.data import pipeline
+    from tests.test_pipeline import TinySplit, _loader, _same
+
+    # 3 classes of 31/30/29 records: MRR draws 87 per epoch, a new draw each epoch; batch 4: 21 steps,
+    # an odd count, so epoch 2 starts on the other worker.
+    split = TinySplit(n=90, labels=np.r_[np.zeros(31), np.ones(30), np.full(29, 2)])
+    per_epoch = [list(_loader(split, sampler="mrr", batch_size=4, epoch=e)) for e in range(3)]
+    steps = pipeline.steps_in_epoch(split, 4, sampler="mrr", train=True)
+    assert steps == 21 and all(len(batches) == steps for batches in per_epoch)
+    options = dict(batch_size=4, seed=0, sampler="mrr", image_size=16, shard_index=0, shard_count=1,
+                   worker_count=2, last_epoch=3)
+    iterator = iter(pipeline.make_run_loader(split, first_epoch=0, **options))
+    pids = []
+    for epoch in range(3):
+        _same([next(iterator) for _ in range(steps)], per_epoch[epoch])
+        pids.append(sorted(child.pid for child in multiprocessing.active_children()))
+        if epoch == 1:  # mid-run state after epoch 1 batch 0: a fresh loader resumes exactly
+            head = next(iterator)
+            state = iterator.get_state()
+            resumed = iter(pipeline.make_run_loader(split, first_epoch=0, **options))
+            resumed.set_state(state)
+            _same([head] + [next(resumed) for _ in range(steps - 1)], per_epoch[2])
+            break
+    assert len(pids[0]) >= 2 and pids[0] == pids[1]  # the same worker processes served both epochs
+    _same([next(iterator) for _ in range(steps - 1)], per_epoch[2][1:])
+    with pytest.raises(StopIteration):
+        next(iterator)

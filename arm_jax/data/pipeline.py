@@ -234,3 +234,95 @@ def _check_options(*, batch_size, sampler, image_size, resize_on, worker_count):
 
 def _name(split) -> str:
     return str(getattr(split, "name", type(split).__name__))
+
+
+class _Labels:
+    """What `epoch_order` reads of a split (labels, class names, size), cheap to pickle into workers."""
+
+    def __init__(self, split):
+        self.labels = np.asarray(split.labels)
+        self.class_names = tuple(split.class_names)
+        self.name = _name(split)
+
+    def __len__(self) -> int:
+        return int(self.labels.size)
+
+
+class RunSampler:
+    """grain sampler over training epochs [first_epoch, last_epoch) in one stream, so workers start once.
+
+    Global batch g of the run (epoch first_epoch + g // steps, batch g % steps) goes to worker
+    g % workers, so grain's round-robin over workers yields the run's batches in order for any
+    worker count; each epoch's records, order, MRR draw and per-record generators are those
+    of `make_loader(epoch=e)` (slot arithmetic of `sampling.epoch_layout`, train case).
+    """
+
+    def __init__(self, split, *, sampler: str, seed: int, first_epoch: int, last_epoch: int,
+                 batch_size: int, shard_count: int, worker_count: int):
+        self._labels, self._sampler, self._seed = _Labels(split), sampler, int(seed)
+        self._first, self._last = int(first_epoch), int(last_epoch)
+        self._b, self._shards, self._workers = int(batch_size), int(shard_count), max(int(worker_count), 1)
+        self._steps = _epoch_records(split, sampler, True) // (self._shards * self._b)
+        self._batches = self._steps * (self._last - self._first)
+        self._orders: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        rounds = -(-self._batches // self._workers)
+        return rounds * self._b * self._workers * self._shards
+
+    def __repr__(self) -> str:
+        return (f"RunSampler(split={self._labels.name!r}, sampler={self._sampler!r}, seed={self._seed}, "
+                f"epochs=[{self._first}, {self._last}), batch_size={self._b}, "
+                f"shard_count={self._shards}, worker_count={self._workers})")
+
+    def __getitem__(self, index: int) -> grain.RecordMetadata:
+        shard, slot = index % self._shards, index // self._shards
+        worker, k = slot % self._workers, slot // self._workers
+        round_, offset = divmod(k, self._b)
+        batch = round_ * self._workers + worker
+        if batch >= self._batches:
+            return grain.RecordMetadata(index=index, record_key=sampling.PAD, rng=None)
+        epoch, step = self._first + batch // self._steps, batch % self._steps
+        position = step * self._shards * self._b + shard * self._b + offset
+        return grain.RecordMetadata(index=index, record_key=int(self._order(epoch)[position]),
+                                    rng=sampling.record_rng(self._seed, epoch, position))
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            if len(self._orders) > 2:  # workers move through epochs in order: keep a few
+                self._orders.pop(min(self._orders))
+            self._orders[epoch] = epoch_order(self._labels, sampler=self._sampler, train=True,
+                                              seed=self._seed, epoch=epoch)
+        return self._orders[epoch]
+
+
+def make_run_loader(split, *, batch_size: int, seed: int, first_epoch: int, last_epoch: int,
+                    sampler: str = "shuffle", image_size: int, worker_count: int = 0,
+                    shard_index: int | None = None, shard_count: int | None = None,
+                    resize_on: str = "device", staging_size: int | None = None,
+                    worker_buffer_size: int = 2, read_threads: int = 0) -> grain.DataLoader:
+    """Training batches of epochs [first_epoch, last_epoch) from ONE DataLoader (workers start once).
+
+    Yields steps_in_epoch(...) batches per epoch, in order, each equal to what
+    `make_loader(epoch=e, train=True)` yields; options as in `make_loader`.
+    """
+    _check_options(batch_size=batch_size, sampler=sampler, image_size=image_size,
+                   resize_on=resize_on, worker_count=worker_count)
+    shard_index = jax.process_index() if shard_index is None else int(shard_index)
+    shard_count = jax.process_count() if shard_count is None else int(shard_count)
+    if steps_in_epoch(split, batch_size, sampler=sampler, train=True, shard_count=shard_count) == 0:
+        raise UserError(f"{_name(split)}: one {sampler} epoch has fewer records than batch_size "
+                        f"{batch_size} x {shard_count} shard(s); lower the batch size")
+    run_sampler = RunSampler(split, sampler=sampler, seed=seed, first_epoch=first_epoch,
+                             last_epoch=last_epoch, batch_size=batch_size, shard_count=shard_count,
+                             worker_count=worker_count)
+    stage = StageImage(_staging_shape(split, image_size, staging_size, resize_on))
+    operations = [DropPadding(), TrainAugment(stage, image_size),
+                  grain.transforms.Batch(batch_size=batch_size, drop_remainder=True)]
+    if worker_count > 0:
+        absl.flags.FLAGS.mark_as_parsed()  # as in make_loader
+    return grain.DataLoader(
+        data_source=_PaddedSource(split), sampler=run_sampler, operations=operations,
+        worker_count=worker_count, worker_buffer_size=worker_buffer_size,
+        read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * read_threads),
+        shard_options=grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=True))

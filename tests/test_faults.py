@@ -150,6 +150,7 @@ def _corrupt(step_dir: Path, how: str, items=("progress",)) -> None:
             (step_dir / item / "metadata").write_text("{not json")
 
 
+@pytest.mark.slow
 def test_no_intact_checkpoint_is_an_error(tmp_path, reference):
     """Steps 12, 11, 10 corrupted three ways (truncated data, deleted item, garbage JSON):
     nothing to fall back to, so loading and resuming are errors and nothing is set aside."""
@@ -165,6 +166,7 @@ def test_no_intact_checkpoint_is_an_error(tmp_path, reference):
     assert _steps(run) == [10, 11, 12]  # nothing set aside when nothing is intact
 
 
+@pytest.mark.slow
 def test_resume_skips_corrupt_newest_checkpoints(tmp_path, cache_dir, reference, caplog):
     """A run stopped at step 8, then step 8 truncated and step 7 given garbage JSON: the
     loader evaluate/predict use falls back to step 7 and a resumed training to step 6, warning

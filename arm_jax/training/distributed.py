@@ -11,6 +11,7 @@ by-hand launch fails with "Number of processes must be defined".
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 
@@ -86,6 +87,22 @@ def barrier(name: str, timeout_s: int = INITIALIZATION_TIMEOUT_S) -> None:
 
     jax_distributed.global_state.client.wait_at_barrier(f"arm_jax/{next(_barriers)}/{name}",
                                                         timeout_s * 1000)
+
+
+def data_state_of_this_process(saved: str) -> str:
+    """The grain iterator state in a checkpoint (process 0's), as this process's own.
+
+    Checkpoints hold process 0's state; shard s reads the global sampler slots q * S + s
+    where shard 0 reads q * S (sampling.epoch_layout), so at the same batch each of its
+    readers has seen the slot process 0's has seen plus s (-1: nothing seen yet).
+    """
+    shard = jax.process_index()
+    if shard == 0:
+        return saved
+    state = json.loads(saved)
+    state["last_seen_indices"] = {worker: index + shard if index >= 0 else index
+                                  for worker, index in state["last_seen_indices"].items()}
+    return json.dumps(state, indent=4)
 
 
 # What a collective or barrier says when a peer process is gone.

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from arm_jax.inference import metrics as metrics_lib
 from arm_jax.training.checkpoints import Checkpoints
 from arm_jax.training.config import TrainConfig, check_resumable, save_config
+from arm_jax.training.distributed import data_state_of_this_process
 from arm_jax.data.base import LabelledSplit
 from arm_jax.errors import UserError
 from arm_jax.models import ARMResNet18, architecture, with_runtime
@@ -258,7 +259,7 @@ def train_epoch(run: Run, state, progress: dict, stop: StopRequest):
     iterator = iter(_loader(run, run.train_split, epoch=epoch, train=True))
     if start and progress["data_state"]:
         try:
-            iterator.set_state(progress["data_state"].encode())
+            iterator.set_state(data_state_of_this_process(progress["data_state"]).encode())
         except ValueError as error:  # grain restores only with the worker count it saved with
             raise UserError(f"{run.config.workdir}: cannot resume mid-epoch {epoch + 1} with these data "
                             f"options ({error}); resume with the --workers of the interrupted run") from None

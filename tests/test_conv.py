@@ -37,14 +37,3 @@ def test_custom_gradients_equal_plain_conv_gradients(height, width, kernel_size,
         assert _relative(got_k, want_k) <= 1e-9
         assert _relative(polyphase, want_x) <= 1e-9
 
-
-def test_custom_gradients_under_jit_and_grad_in_float32():
-    """Through jax.grad of a scalar loss under jit, as the training step uses it."""
-    x = jax.random.normal(jax.random.key(0), (4, 16, 16, 8))
-    kernel = jax.random.normal(jax.random.key(1), (3, 3, 8, 16))
-
-    def loss(conv):
-        return jax.jit(jax.grad(lambda x, k: jnp.sum(jnp.sin(conv(x, k, 2, 1))), argnums=(0, 1)))(x, kernel)
-
-    for got, want in zip(loss(strided_conv), loss(plain_conv)):
-        assert _relative(got, want) <= 1e-5

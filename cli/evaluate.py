@@ -95,10 +95,16 @@ def evaluate(checkpoint, dataset, data_dir, split, batch_size, gar, shuffle, cal
               help="The batch size the model was trained with (BatchNorm uses batch statistics).")
 @click.option("--max-examples", type=click.IntRange(min=1), default=None, help="Use at most this many training images.")
 @click.option("--skip-bad", is_flag=True)
-def calibrate(checkpoint, dataset, data_dir, output, batch_size, max_examples, skip_bad):
+@click.option("--class-names", default=None,
+              help="For a model without class names: its classes, comma-separated, in label order.")
+@click.option("--model-classes", type=click.Choice(sorted(DATASET_CLASSES)), default=None,
+              help="For a model without class names: the data set whose class order it was trained in.")
+def calibrate(checkpoint, dataset, data_dir, output, batch_size, max_examples, skip_bad, class_names,
+              model_classes):
     """Estimate the running GAR from training images (for checkpoints that have none)."""
     from arm_jax.inference.calibrate import calibrate_job
 
+    log_to_stderr(verbose=False)
     calibrate_job(checkpoint, dataset, data_dir, output, batch_size=batch_size, max_examples=max_examples,
-                  skip_bad=skip_bad)
+                  skip_bad=skip_bad, class_names=class_names, model_classes=model_classes)
     click.echo(f"wrote {output}: running GAR estimated from {dataset}/train")

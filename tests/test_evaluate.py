@@ -2,6 +2,7 @@
 
 import copy
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -165,6 +166,26 @@ def test_calibrate_command_writes_the_gar_at_the_given_batch_size(authors_checkp
                            calibrate_gar(load_any_model(path), SyntheticSplit("train"), batch_size=48,
                                          max_examples=48, progress=False).variables["gar"]["arm"]["affinity"]["mean"],
                            atol=1e-3)
+
+
+def test_calibrate_names_a_nameless_model_as_told_or_warns(authors_checkpoint, tmp_path, caplog):
+    """A .pth carries no names: calibrate writes the order given by --model-classes, else warns."""
+    from arm_jax.data.classes import dataset_classes
+    from arm_jax.inference.calibrate import calibrate_job
+
+    path, _ = authors_checkpoint
+    told = calibrate_job(path, "synthetic", None, tmp_path / "raf", batch_size=16, max_examples=16,
+                         progress=False, model_classes="raf_db")
+    assert told.class_names == load_any_model(tmp_path / "raf").class_names == dataset_classes("raf_db")
+    runner_log = logging.getLogger("arm_jax.inference.runner")
+    runner_log.addHandler(caplog.handler)  # direct: the CLI may have stopped 'arm_jax' propagating
+    try:
+        assumed = calibrate_job(path, "synthetic", None, tmp_path / "assumed", batch_size=16,
+                                max_examples=16, progress=False)
+    finally:
+        runner_log.removeHandler(caplog.handler)
+    assert assumed.class_names == dataset_classes("synthetic") != dataset_classes("raf_db")
+    assert "carries no class names: assuming synthetic's order" in caplog.text
 
 
 @pytest.mark.slow

@@ -9,8 +9,11 @@ from flax import traverse_util
 from tqdm import tqdm
 
 from arm_jax.data.pipeline import make_loader
-from arm_jax.interop.model_files import LoadedModel, save_model
+from arm_jax.data.sources import decode_size_hint
+from arm_jax.data.splits import open_split
 from arm_jax.data.transforms import preprocess_batch
+from arm_jax.inference.runner import name_model
+from arm_jax.interop.model_files import LoadedModel, load_any_model, save_model
 
 
 def calibrate_gar(loaded: LoadedModel, train_split, *, batch_size: int = 256, seed: int = 0,
@@ -60,11 +63,18 @@ def calibrate_gar(loaded: LoadedModel, train_split, *, batch_size: int = 256, se
 
 def calibrate_job(checkpoint: str | Path, dataset: str, data_dir: str | Path | None, output: str | Path, *,
                   batch_size: int = 256, max_examples: int | None = None, seed: int = 0,
-                  skip_bad: bool = False, progress: bool = True) -> LoadedModel:
-    """`arm-jax calibrate`: write a model directory whose running GAR comes from `dataset`'s train split."""
-    from arm_jax.inference.runner import model_and_split
+                  skip_bad: bool = False, progress: bool = True, class_names=None,
+                  model_classes: str | None = None) -> LoadedModel:
+    """`arm-jax calibrate`: write a model directory whose running GAR comes from `dataset`'s train split.
 
-    loaded, train_split = model_and_split(checkpoint, dataset, data_dir, "train", skip_bad=skip_bad)
+    The written model carries class names: its own, else `class_names` / `model_classes`, else
+    (warned) `dataset`'s order.
+    """
+    loaded = load_any_model(checkpoint)
+    train_split = open_split(dataset, data_dir, "train", skip_bad=skip_bad,
+                             image_size_hint=decode_size_hint(dataset, loaded.model.image_size))
+    loaded, _ = name_model(loaded, tuple(train_split.class_names), checkpoint, dataset,
+                           class_names=class_names, model_classes=model_classes)
     calibrated = calibrate_gar(loaded, train_split, batch_size=batch_size, seed=seed,
                                max_examples=max_examples, progress=progress)
     save_model(output, calibrated.variables, calibrated.model, calibrated.class_names,

@@ -1,7 +1,6 @@
 """`arm-jax evaluate`: WA, UA, per-class accuracy and the confusion matrix of a model on a split."""
 
 import json
-import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -9,18 +8,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from arm_jax.inference.calibrate import calibrate_gar
 from arm_jax.data.pipeline import make_loader, steps_in_epoch
-from arm_jax.errors import UserError
-from arm_jax.data.classes import given_class_names
 from arm_jax.data.sources import decode_size_hint
 from arm_jax.data.splits import open_split
-from arm_jax.inference.runner import batched_logits
+from arm_jax.errors import UserError
+from arm_jax.inference.calibrate import calibrate_gar
 from arm_jax.inference.metrics import per_class_accuracy
+from arm_jax.inference.runner import batched_logits, name_model
 from arm_jax.interop.model_files import LoadedModel, load_any_model
 from arm_jax.models import GAR_MODES, with_runtime
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -84,21 +80,6 @@ class ClassMapping:
         return np.asarray([columns.index(n) for n in self.model_names], np.int64)
 
 
-def _named_for(loaded: LoadedModel, test_split, checkpoint, dataset) -> tuple[LoadedModel, list[str]]:
-    """The model with class names, and a note (also logged) when they had to be assumed."""
-    if loaded.class_names is not None:
-        return loaded, []
-    if loaded.model.num_classes != len(test_split.class_names):
-        raise UserError(f"{checkpoint}: carries no class names and predicts {loaded.model.num_classes} "
-                        f"classes, {dataset} has {len(test_split.class_names)}; say which they are with "
-                        "--model-classes DATASET or --class-names a,b,...")
-    note = (f"{checkpoint} carries no class names: assuming {dataset}'s order "
-            f"({', '.join(test_split.class_names)}). If it was trained on another data set, say "
-            "which with --model-classes DATASET or --class-names a,b,...")
-    log.warning("%s", note)
-    return loaded.named(tuple(test_split.class_names), str(checkpoint)), [note]
-
-
 def evaluate(checkpoint: str | Path, dataset: str, data_dir: str | Path | None, *, split: str = "test",
              batch_size: int = 64, gar: str = "running", seed: int = 0, shuffle: bool | None = None,
              calibrate: bool = False, skip_bad: bool = False, worker_count: int = 0,
@@ -121,14 +102,10 @@ def evaluate(checkpoint: str | Path, dataset: str, data_dir: str | Path | None, 
         raise UserError(f"--gar must be one of {', '.join(GAR_MODES)}, got {gar!r}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
-    given = given_class_names(class_names, model_classes)
     loaded = load_any_model(checkpoint)
-    if given is not None and loaded.class_names is not None and given != loaded.class_names:
-        raise UserError(f"{checkpoint}: carries its class names ({', '.join(loaded.class_names)}); "
-                        "--class-names / --model-classes only name a model without them")
-    loaded = loaded.named(given, str(checkpoint)) if given is not None else loaded
     test_split = _open(dataset, data_dir, split, loaded, skip_bad)
-    loaded, notes = _named_for(loaded, test_split, checkpoint, dataset)
+    loaded, notes = name_model(loaded, tuple(test_split.class_names), checkpoint, dataset,
+                               class_names=class_names, model_classes=model_classes)
     mapping = ClassMapping(tuple(loaded.class_names), tuple(test_split.class_names))
     if not mapping.shared:
         raise UserError(f"{checkpoint}: none of its classes ({', '.join(mapping.model_names)}) is "

@@ -1,5 +1,6 @@
-"""Running a loaded model over batches: logits on the device, from uint8 batches."""
+"""Running a loaded model over batches (logits on the device, from uint8 batches); naming its classes."""
 
+import logging
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -7,11 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arm_jax.data.sources import decode_size_hint
-from arm_jax.data.splits import open_split
-from arm_jax.interop.model_files import LoadedModel, load_any_model
-from arm_jax.models import ARMResNet18
+from arm_jax.data.classes import given_class_names
 from arm_jax.data.transforms import preprocess_batch
+from arm_jax.errors import UserError
+from arm_jax.interop.model_files import LoadedModel
+from arm_jax.models import ARMResNet18
+
+log = logging.getLogger(__name__)
 
 
 def make_logits_fn(model: ARMResNet18):
@@ -44,9 +47,27 @@ def batched_logits(loaded: LoadedModel, model: ARMResNet18, batches: Iterable[di
         yield batch, np.asarray(logits_fn(loaded.variables, jnp.asarray(images)))[:count]
 
 
-def model_and_split(checkpoint, dataset: str, data_dir, split: str, *, skip_bad: bool = False):
-    """(LoadedModel named after the split's classes, the split opened for that model's input size)."""
-    loaded = load_any_model(checkpoint)
-    opened = open_split(dataset, data_dir, split, skip_bad=skip_bad,
-                        image_size_hint=decode_size_hint(dataset, loaded.model.image_size))
-    return loaded.named(tuple(opened.class_names), f"{checkpoint} on {dataset}/{split}"), opened
+def name_model(loaded: LoadedModel, split_class_names: tuple[str, ...], checkpoint, dataset: str, *,
+               class_names=None, model_classes: str | None = None) -> tuple[LoadedModel, list[str]]:
+    """The model with class names, and a note (also logged) when they had to be assumed.
+
+    A model without names takes them from `class_names` / `model_classes` (a data set whose
+    order it was trained in), else assumes `dataset`'s order, with a warning saying so.
+    """
+    given = given_class_names(class_names, model_classes)
+    if given is not None:
+        if loaded.class_names is not None and given != loaded.class_names:
+            raise UserError(f"{checkpoint}: carries its class names ({', '.join(loaded.class_names)}); "
+                            "--class-names / --model-classes only name a model without them")
+        return loaded.named(given, str(checkpoint)), []
+    if loaded.class_names is not None:
+        return loaded, []
+    if loaded.model.num_classes != len(split_class_names):
+        raise UserError(f"{checkpoint}: carries no class names and predicts {loaded.model.num_classes} "
+                        f"classes, {dataset} has {len(split_class_names)}; say which they are with "
+                        "--model-classes DATASET or --class-names a,b,...")
+    note = (f"{checkpoint} carries no class names: assuming {dataset}'s order "
+            f"({', '.join(split_class_names)}). If it was trained on another data set, say "
+            "which with --model-classes DATASET or --class-names a,b,...")
+    log.warning("%s", note)
+    return loaded.named(tuple(split_class_names), str(checkpoint)), [note]

@@ -114,11 +114,19 @@ class Parallel:
 
     # -- steps ------------------------------------------------------------------------------
 
+    @property
+    def _pmap_devices(self) -> list | None:
+        """pmap's devices: with several processes None, i.e. every process's devices, so the
+        'batch' axis (pmean of gradients, BN statistics, GAR) spans them all; a list of this
+        process's devices would average within each process only."""
+        return None if jax.process_count() > 1 else list(self.mesh.devices.flat)
+
     def compile_train(self, train_step: Callable) -> Callable:
         """train_step(state, batch, rng) compiled for this mode; the input state is donated."""
         if self.mode == "pmap":
             return _meet_after_compiling(jax.pmap(train_step, axis_name=AXIS, in_axes=(0, 0, None),
-                                                  devices=list(self.mesh.devices.flat), donate_argnums=0))
+                                                  devices=self._pmap_devices, donate_argnums=0),
+                                         ahead=False)
         if self.mode == "jit":
             # The updated state stays replicated, like the state that came in.
             return _meet_after_compiling(jax.jit(train_step, donate_argnums=0,
@@ -134,7 +142,7 @@ class Parallel:
         """
         if self.mode == "pmap":
             sharded = _meet_after_compiling(jax.pmap(make_eval_step(AXIS), axis_name=AXIS,
-                                                     devices=list(self.mesh.devices.flat)))
+                                                     devices=self._pmap_devices), ahead=False)
             single = jax.jit(make_eval_step(None))
             device = self.mesh.devices.flat[0]
 
@@ -170,10 +178,12 @@ class Parallel:
         return evaluate
 
 
-def _meet_after_compiling(compiled_lazily: Callable) -> Callable:
+def _meet_after_compiling(compiled_lazily: Callable, *, ahead: bool = True) -> Callable:
     """With several processes: compile each new input signature ahead, wait for all the
     processes (distributed.barrier), then run. Compilation times differ between processes
-    by more than the 30 s gloo gives them to meet at a new collective. One process: as is."""
+    by more than the 30 s gloo gives them to meet at a new collective. One process: as is.
+    ahead=False (pmap across processes, whose AOT executable refuses the local arrays):
+    only meet before the first call of each signature."""
     if jax.process_count() < 2:
         return compiled_lazily
     executables = {}
@@ -182,7 +192,7 @@ def _meet_after_compiling(compiled_lazily: Callable) -> Callable:
         signature = str(jax.tree.map(lambda x: (np.shape(x), str(getattr(x, "dtype", type(x))),
                                                str(getattr(x, "sharding", ""))), args))
         if signature not in executables:
-            executables[signature] = compiled_lazily.lower(*args).compile()
+            executables[signature] = compiled_lazily.lower(*args).compile() if ahead else compiled_lazily
             barrier("compiled")
         return executables[signature](*args)
 

@@ -106,6 +106,7 @@ def test_sigterm_at_a_known_step_saves_and_resumes_bitwise(tmp_path, reference_r
     _assert_same_run(reference_run, _final(tmp_path))
 
 
+@pytest.mark.slow  # 51 s of CPU: a 6-step run and its validation
 def test_stop_request_at_an_epoch_end_saves_that_epoch(tmp_path):
     """A stop asked for at the last step of an epoch keeps the whole epoch (validated, logged)."""
     summary = train(TrainConfig(**TINY, workdir=str(tmp_path)),

@@ -52,8 +52,14 @@ def test_round_trip_is_exact_and_keeps_optax_types(tmp_path, model_and_state):
     assert ARMResNet18(**arch) == model and names == list("abcdefg")
     for a, b in zip(jax.tree.leaves(state.variables), jax.tree.leaves(variables), strict=True):
         assert np.array_equal(a, np.asarray(b))
+    # No best checkpoint yet (no validation ran): 'best' falls back to the latest one.
+    _, _, fallback = load_model_from_checkpoint(tmp_path, which="best")
+    for a, b in zip(jax.tree.leaves(state.variables), jax.tree.leaves(fallback), strict=True):
+        assert np.array_equal(a, np.asarray(b))
+    empty = tmp_path / "empty"
+    (empty / "checkpoints" / "latest").mkdir(parents=True)
     with pytest.raises(UserError, match="holds no checkpoint"):
-        load_model_from_checkpoint(tmp_path, which="best")
+        load_model_from_checkpoint(empty, which="best")
 
 
 def test_corrupt_checkpoint_is_a_user_error(tmp_path, model_and_state):
@@ -67,9 +73,15 @@ def test_corrupt_checkpoint_is_a_user_error(tmp_path, model_and_state):
             f.write_bytes(b"garbage")
     with pytest.raises(UserError, match=str(step_dir)):
         load_model_from_checkpoint(step_dir)
-    # An incompatible target (another model's tree) is reported the same way.
+    # An incompatible target (another model's tree) on an intact checkpoint: an error naming
+    # the folder, and the checkpoint is left where it is (not set aside as corrupt).
+    intact = tmp_path / "intact"
+    writer = Checkpoints(intact)
+    writer.save(state, {"epoch": 0}, _info(model))
+    writer.wait()
     other = jax.tree.map(np.zeros_like, state).replace(params={"x": np.zeros(3)})
-    with pytest.raises(UserError, match="cannot restore"):
-        Checkpoints(tmp_path).restore_latest(other)
+    with pytest.raises(UserError, match=f"{intact / 'checkpoints' / 'latest'}: no intact checkpoint"):
+        Checkpoints(intact).restore_latest(other)
+    assert [p.name for p in (intact / "checkpoints" / "latest").iterdir()] == [str(int(state.step))]
     with pytest.raises(UserError, match="no such"):
         load_model_from_checkpoint(tmp_path / "missing")

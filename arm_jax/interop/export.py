@@ -81,7 +81,7 @@ def _backbone(graph: GraphBuilder, x: str, params: dict, stats: dict) -> str:
     x = _conv(graph, x, params["conv1"]["kernel"], 2, 3, "conv1")
     x = graph.op("Relu", [_batchnorm(graph, x, params["bn1"], stats["bn1"], "bn1")])
     x = graph.op("MaxPool", [x], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
-    for stage, width in enumerate(STAGE_WIDTHS, start=1):
+    for stage in range(1, len(STAGE_WIDTHS) + 1):
         for block in range(BLOCKS_PER_STAGE):
             name = f"layer{stage}_{block}"
             p, s = params[name], stats[name]

@@ -75,59 +75,25 @@ def run_benchmark(sizes: dict, out_dir: Path, smoke: bool) -> dict:
     return {**result, **json.loads(target.read_text())}
 
 
-class _TimedIterator:
-    """A grain iterator that adds the seconds spent in __next__ to `waits` (state calls pass through)."""
-
-    def __init__(self, iterator, waits: list):
-        self._iterator, self._waits = iterator, waits
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        start = time.perf_counter()
-        try:
-            return next(self._iterator)
-        finally:
-            self._waits.append((start, time.perf_counter()))
-
-    def __getattr__(self, name):
-        return getattr(self._iterator, name)
-
-
-class _TimedLoader:
-    def __init__(self, loader, waits: list):
-        self._loader, self._waits = loader, waits
-
-    def __iter__(self):
-        return _TimedIterator(iter(self._loader), self._waits)
-
-
 def run_training(sizes: dict, out_dir: Path, workers: int) -> dict:
     """One synthetic epoch through the real training loop, timing its waits for batches."""
     from arm_jax.training import loop
     from arm_jax.training.config import TrainConfig
+    from arm_jax.training.feed import Timings
 
-    train_waits, eval_waits, step_times = [], [], []
-    make_loader = loop._loader  # instrumented here only: the loop itself records no per-batch waits
-
-    def timed_loader(run, split, *, epoch, train):
-        return _TimedLoader(make_loader(run, split, epoch=epoch, train=train), train_waits if train else eval_waits)
-
+    step_times, timings = [], Timings()
     config = TrainConfig(dataset="synthetic", image_size=sizes["image_size"], batch_size=sizes["train_batch"],
                          epochs=1, dtype="bfloat16", worker_count=workers, workdir=str(out_dir / "train"),
                          max_train_examples=sizes["max_train_examples"],
                          max_eval_examples=sizes["max_train_examples"], quiet=True, checkpoint_every_steps=0)
-    loop._loader = timed_loader
     started = time.perf_counter()
-    try:
-        summary = loop.train(config, after_step=lambda step, stop: step_times.append(time.perf_counter()))
-    finally:
-        loop._loader = make_loader
+    summary = loop.train(config, after_step=lambda step, stop: step_times.append(time.perf_counter()),
+                         timings=timings)
     wall = time.perf_counter() - started
     # Steady state: from the end of step 2 (compiled, queue filled) to the last step.
     steady = step_times[2:] if len(step_times) > 3 else step_times[1:]
     seconds = steady[-1] - steady[0] if len(steady) > 1 else float("nan")
+    train_waits = [(start, end) for what, _, start, end in timings.events if what == "batch"]
     waited = sum(end - start for start, end in train_waits if steady and steady[0] <= start < steady[-1])
     records = [json.loads(line) for line in (out_dir / "train" / "metrics.jsonl").read_text().splitlines()]
     return {
@@ -136,7 +102,7 @@ def run_training(sizes: dict, out_dir: Path, workers: int) -> dict:
         "steady_images_per_s": (len(steady) - 1) * config.batch_size / seconds if seconds == seconds else None,
         "input_wait_share": waited / seconds if seconds == seconds and seconds > 0 else None,
         "first_batch_wait_s": train_waits[0][1] - train_waits[0][0] if train_waits else None,
-        "validation_wait_s": sum(end - start for start, end in eval_waits),
+        "validation_s": sum(end - start for what, _, start, end in timings.events if what == "validate"),
         "epoch_time_s": records[-1].get("time_s"), "val_wa": records[-1].get("val_wa"),
     }
 

@@ -176,8 +176,8 @@ def test_keeps_the_last_3_checkpoints_and_the_best_by_validation_wa(tmp_path, mo
     scripted_wa = iter([0.2, 0.6, 0.4, 0.5])
     real_validate = loop.validate
 
-    def validate_with_scripted_wa(run, state):
-        return {**real_validate(run, state), "wa": next(scripted_wa)}
+    def validate_with_scripted_wa(run, state, *batches):
+        return {**real_validate(run, state, *batches), "wa": next(scripted_wa)}
 
     monkeypatch.setattr(loop, "validate", validate_with_scripted_wa)
     config = TrainConfig(**{**TINY, "epochs": 4, "max_train_examples": 32}, workdir=str(tmp_path))  # 2 steps/epoch
@@ -214,6 +214,67 @@ def test_parallel_jit_through_train_and_resume(tmp_path, reference_run):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     assert [r["val_wa"] for r in records] == [r["val_wa"] for r in reference_records]
     assert [r["train_loss"] for r in records] == pytest.approx([r["train_loss"] for r in reference_records], rel=1e-4)
+
+
+# -- training batches from loaders that live across epochs (arm_jax/training/feed.py) -------
+
+@pytest.mark.slow
+def test_workers_start_once_per_launch_and_a_mid_epoch_resume_is_exact(tmp_path, reference_run):
+    """2 grain workers: the same worker processes serve both epochs; a SIGTERM at step 8 (epoch 2)
+    resumes only with 2 workers, and the run equals the 0-worker reference bit for bit."""
+    import multiprocessing
+
+    config = TrainConfig(**TINY, workdir=str(tmp_path), worker_count=2)
+    children = {}  # step -> pids of this process's children (training workers, validation's)
+
+    def record_and_stop_at_step_8(step, stop):
+        children[step] = {child.pid for child in multiprocessing.active_children()}
+        if step == 8:
+            stop.request(signal.SIGTERM)
+
+    assert train(config, after_step=record_and_stop_at_step_8)["step"] == 8
+    # Step 1 sees only the training workers; validation's start 3 steps before the epoch ends and
+    # may linger while they shut down. Epoch 2 starts on epoch 1's workers, with no new process.
+    # (A worker exits once it has prepared its last batch of the run: step 8 may see one.)
+    validation_workers = set().union(*(children[step] for step in range(1, 7))) - children[1]
+    assert len(children[1]) == 2 and children[7] - validation_workers == children[1]
+    with pytest.raises(UserError, match="--workers of the interrupted run"):
+        train(config.replace(worker_count=1))
+    assert train(config)["step"] == 12
+    _assert_same_run(reference_run, _final(tmp_path))
+
+
+@pytest.mark.slow
+def test_a_mid_epoch_checkpoint_resumes_into_raised_epochs(tmp_path, reference_run):
+    """Stopped at step 3 of a 1-epoch run, resumed with --epochs 2: the saved loader (epoch 1 only)
+    finishes its epoch, a new one serves epoch 2, and the run equals the 2-epoch reference."""
+    stopped = train(TrainConfig(**{**TINY, "epochs": 1}, workdir=str(tmp_path)),
+                    after_step=lambda step, stop: step == 3 and stop.request(signal.SIGTERM))
+    assert stopped["step"] == 3
+    assert train(TrainConfig(**TINY, workdir=str(tmp_path)))["step"] == 12
+    _assert_same_run(reference_run, _final(tmp_path))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_the_per_epoch_loaders_resumes_exactly(tmp_path, reference_run, monkeypatch):
+    """A mid-epoch checkpoint as the per-epoch loop wrote it (one make_loader per epoch, no loader
+    range saved) finishes its epoch with that loader, then continues on a run loader, exactly."""
+    from arm_jax.training import feed
+
+    run_loaders = feed.TrainBatches._open
+
+    def one_epoch_loaders(self, first_epoch, last_epoch):  # what the loop did before run loaders
+        run_loaders(self, first_epoch, None)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(feed.TrainBatches, "_open", one_epoch_loaders)
+        stopped = train(TrainConfig(**TINY, workdir=str(tmp_path)),
+                        after_step=lambda step, stop: step == 3 and stop.request(signal.SIGTERM))
+    assert stopped["step"] == 3
+    progress = json.loads((tmp_path / "checkpoints" / "latest" / "3" / "progress" / "metadata").read_text())
+    assert progress["data_loader"] is None and progress["data_state"]
+    assert train(TrainConfig(**TINY, workdir=str(tmp_path)))["step"] == 12
+    _assert_same_run(reference_run, _final(tmp_path))
 
 
 # -- end to end ---------------------------------------------------------------------------

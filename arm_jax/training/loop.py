@@ -20,7 +20,7 @@ from tqdm import tqdm
 from arm_jax.inference import metrics as metrics_lib
 from arm_jax.training.checkpoints import Checkpoints
 from arm_jax.training.config import TrainConfig, check_resumable, save_config
-from arm_jax.training.distributed import data_state_of_this_process
+from arm_jax.training.feed import TrainBatches, ValidationBatches
 from arm_jax.data.base import LabelledSplit
 from arm_jax.errors import UserError
 from arm_jax.models import ARMResNet18, architecture, with_runtime
@@ -164,7 +164,7 @@ def _setup(config: TrainConfig) -> tuple[Run, TrainState, dict]:
     variables = init_variables(with_runtime(model, dtype=jnp.float32), init_key, pretrained)
     state = jax.tree.map(np.asarray, TrainState.create(variables, tx))
     ckpt = Checkpoints(workdir, keep=config.keep_checkpoints)
-    progress = {"epoch": 0, "batches_done": 0, "data_state": None, "sums": None,
+    progress = {"epoch": 0, "batches_done": 0, "data_state": None, "data_loader": None, "sums": None,
                 "best_wa": None, "best_epoch": None,
                 "step_key": np.asarray(jax.random.key_data(step_key)).tolist()}
     restored = ckpt.restore_latest(state)
@@ -190,30 +190,28 @@ def _setup(config: TrainConfig) -> tuple[Run, TrainState, dict]:
     return run, state, progress
 
 
-def _loader(run: Run, split, *, epoch: int, train: bool):
+def _val_loader(run: Run):
+    """The validation batches, the same every epoch (training: feed.TrainBatches)."""
     from arm_jax.data.pipeline import make_loader
 
     c = run.config
-    if train:
-        shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
-        batch_size = run.local_batch
-    else:  # every host reads the whole (small) validation split; Parallel shards it
-        shard = dict(shard_index=0, shard_count=1)
-        batch_size = c.eval_batch_size
-    # With the batch GAR the released code's predictions depend on which images share a
-    # batch; index order would put near-single-class batches together (sources are often
-    # sorted by class), so evaluation batches are shuffled, the same way every epoch.
-    return make_loader(split, batch_size=batch_size, seed=run.data_seed, epoch=epoch if train else 0,
-                       train=train, sampler=c.sampler, image_size=c.image_size,
-                       worker_count=c.worker_count, shuffle_eval=c.gar_mode == "batch", **shard)
+    # Every host reads the whole (small) validation split; Parallel shards it. With the batch
+    # GAR the released code's predictions depend on which images share a batch; index order
+    # would put near-single-class batches together (sources are often sorted by class), so
+    # evaluation batches are shuffled, the same way every epoch.
+    return make_loader(run.val_split, batch_size=c.eval_batch_size, seed=run.data_seed, epoch=0,
+                       train=False, sampler=c.sampler, image_size=c.image_size,
+                       worker_count=c.worker_count, shuffle_eval=c.gar_mode == "batch",
+                       shard_index=0, shard_count=1)
 
 
-def validate(run: Run, state) -> dict:
-    """WA, UA, per-class accuracy and loss over the validation split."""
+def validate(run: Run, state, batches=None) -> dict:
+    """WA, UA, per-class accuracy and loss over the validation split (`batches`: its batches,
+    e.g. prefetched; default: read now)."""
     num_classes = len(run.val_split.class_names)
     confusion = np.zeros((num_classes, num_classes), np.int64)
     loss_sum = 0.0
-    for batch in _loader(run, run.val_split, epoch=0, train=False):
+    for batch in _val_loader(run) if batches is None else batches:
         out = run.evaluate(state, {k: batch[k] for k in ("image", "label", "erase") if k in batch})
         confusion += out["confusion"]
         loss_sum += float(out["loss_sum"])
@@ -253,16 +251,15 @@ class _Sums:
         self.values["count"] += int(host["count"])
 
 
-def train_epoch(run: Run, state, progress: dict, stop: StopRequest):
-    """One epoch (or its rest, when resuming mid-epoch). Returns (state, progress, stopped)."""
+def train_epoch(run: Run, state, progress: dict, stop: StopRequest, batches: TrainBatches,
+                validation: ValidationBatches, timings=None):
+    """One epoch (or its rest, when resuming mid-epoch). Returns (state, progress, stopped).
+
+    `batches` serves the epoch's training batches; `validation.prepare()` runs a few steps
+    before the end, so validation batches are ready when the last step is. `timings`
+    (feed.Timings), if given, records the waits for batches and the steps.
+    """
     epoch, start = progress["epoch"], progress["batches_done"]
-    iterator = iter(_loader(run, run.train_split, epoch=epoch, train=True))
-    if start and progress["data_state"]:
-        try:
-            iterator.set_state(data_state_of_this_process(progress["data_state"]).encode())
-        except ValueError as error:  # grain restores only with the worker count it saved with
-            raise UserError(f"{run.config.workdir}: cannot resume mid-epoch {epoch + 1} with these data "
-                            f"options ({error}); resume with the --workers of the interrupted run") from None
     sums = _Sums(progress["sums"])
     every = run.config.checkpoint_every_steps
     bar = tqdm(total=run.steps_per_epoch, initial=start, unit="img", unit_scale=run.config.batch_size,
@@ -271,17 +268,16 @@ def train_epoch(run: Run, state, progress: dict, stop: StopRequest):
 
     def checkpoint(batches_done: int) -> None:
         sums.flush(run)  # never save a state whose loss has not been checked
-        at = {**progress, "batches_done": batches_done, "data_state": iterator.get_state().decode(),
-              "sums": sums.values}
+        at = {**progress, "batches_done": batches_done, **batches.position(), "sums": sums.values}
         run.ckpt.save(run.par.host_state(state), at, run.model_info)
 
     batch_index = start
     with bar:
         while batch_index < run.steps_per_epoch and stop.signum is None:
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                break
+            if run.steps_per_epoch - batch_index <= validation.LEAD_STEPS:
+                validation.prepare()
+            waited = time.perf_counter()
+            batch = batches.next(epoch)
             t0 = time.perf_counter()
             state, step_metrics = run.train_step(state, run.par.put_batch(batch), run.step_key)
             batch_index += 1
@@ -295,7 +291,13 @@ def train_epoch(run: Run, state, progress: dict, stop: StopRequest):
             bar.update(1)
             if every and batch_index % every == 0 and batch_index < run.steps_per_epoch:
                 checkpoint(batch_index)
+            if timings is not None:
+                timings.add("batch", epoch, waited, t0)
+                timings.add("step", epoch, t0)
+        flushing = time.perf_counter()
         sums.flush(run)
+        if timings is not None and batch_index > start:  # the last step ends when its metrics are back
+            timings.add("step", epoch, flushing)
     if stop.signum is not None and batch_index < run.steps_per_epoch:
         checkpoint(batch_index)
         return state, {**progress, "batches_done": batch_index, "sums": sums.values}, True
@@ -324,13 +326,14 @@ def _tensorboard(config: TrainConfig, workdir: Path):
     return SummaryWriter(logdir=str(workdir / "tensorboard"))
 
 
-def train(config: TrainConfig, *, after_step=None) -> dict:
+def train(config: TrainConfig, *, after_step=None, timings=None) -> dict:
     """Train (or resume training) as `config` says; returns a summary dict.
 
     The summary's 'status' is 'done', or 'interrupted' (with 'signal') after SIGINT/SIGTERM,
     in which case a checkpoint of the exact position (mid-epoch included) has been saved
     and re-running with the same workdir continues bit for bit. `after_step(step, stop)`
     runs after each step; `stop.request(signal.SIGTERM)` there stops as SIGTERM would.
+    `timings` (feed.Timings), if given, records where the wall time goes (benchmarks).
     """
     from arm_jax.training.workdir_lock import workdir_lock
 
@@ -340,7 +343,7 @@ def train(config: TrainConfig, *, after_step=None) -> dict:
         initialize()
     with workdir_lock(config.workdir, enabled=jax.process_index() == 0):
         try:
-            return _train(config, after_step)
+            return _train(config, after_step, timings)
         except Exception as err:
             if config.distributed:  # a lost peer: say which, instead of a collective's traceback
                 from arm_jax.training.distributed import lost_peer_message
@@ -350,29 +353,40 @@ def train(config: TrainConfig, *, after_step=None) -> dict:
             raise
 
 
-def _train(config: TrainConfig, after_step) -> dict:
+def _train(config: TrainConfig, after_step, timings) -> dict:
     started = time.perf_counter()
     writer = _tensorboard(config, Path(config.workdir))
     run, host_state, progress = _setup(config)
     if progress["step_key"] != np.asarray(jax.random.key_data(run.step_key)).tolist():
         raise UserError(f"{run.ckpt.root}: its step key differs from seed {config.seed}'s")
     state = run.par.put_state(host_state)
+    batches = TrainBatches(run.train_split, config, batch_size=run.local_batch, seed=run.data_seed,
+                           steps_per_epoch=run.steps_per_epoch)
+    batches.resume(progress)
+    validation = ValidationBatches(lambda: _val_loader(run))
     last = {}
     with StopRequest(after_step) as stop:
         try:
             while progress["epoch"] < config.epochs:
                 epoch = progress["epoch"]
                 t0 = time.perf_counter()
-                state, progress, stopped = train_epoch(run, state, progress, stop)
+                state, progress, stopped = train_epoch(run, state, progress, stop, batches, validation, timings)
                 if stopped:
                     return _interrupted(run, stop, progress, started)
                 train_seconds = time.perf_counter() - t0
-                val = validate(run, state)
+                validating = time.perf_counter()
+                val_batches = validation.batches()
+                if timings is not None:
+                    val_batches = timings.timed(val_batches, "val_batch", epoch)
+                val = validate(run, state, val_batches)
+                if timings is not None:
+                    timings.add("validate", epoch, validating)
+                    epoch_end = time.perf_counter()
                 record = _epoch_record(run, epoch, state, progress["sums"], val, train_seconds)
                 record["images_per_s"] = progress["sums"]["count"] / max(train_seconds, 1e-9)
                 best = progress["best_wa"] is None or val["wa"] > progress["best_wa"]
                 progress = {**progress, "epoch": epoch + 1, "batches_done": 0, "data_state": None,
-                            "sums": None, "val": {"wa": val["wa"], "ua": val["ua"]}}
+                            "data_loader": None, "sums": None, "val": {"wa": val["wa"], "ua": val["ua"]}}
                 if best:
                     progress.update(best_wa=val["wa"], best_epoch=epoch + 1)
                 host = run.par.host_state(state)
@@ -380,10 +394,14 @@ def _train(config: TrainConfig, after_step) -> dict:
                 if best:
                     run.ckpt.save(host, progress, run.model_info, kind="best")
                 _report(run, record, writer)
+                if timings is not None:
+                    timings.add("epoch_end", epoch, epoch_end)
                 last = record
                 if stop.signum is not None:
                     return _interrupted(run, stop, progress, started)
         finally:
+            validation.close()
+            batches.close()
             run.ckpt.wait()
             if writer is not None:
                 writer.close()

@@ -1,0 +1,210 @@
+"""What feeds the training loop: training batches from loaders that live across epochs,
+validation batches prefetched in a background thread, and an optional timing record."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import jax
+
+from arm_jax.errors import UserError
+from arm_jax.training.distributed import data_state_of_this_process
+
+
+class TrainBatches:
+    """The training batches of one launch, epoch after epoch, with a position a checkpoint can hold.
+
+    Batches come from one `make_run_loader` over [the launch's first epoch, config.epochs), so
+    grain's worker processes start once per launch, not once per epoch. A checkpoint saves
+    the grain state and that loader's epoch range: grain restores a state only into a loader
+    whose sampler has the same repr, which names the range. When the loader is used up (the
+    epochs were raised on resume), a new one serves the remaining epochs. A checkpoint of
+    the per-epoch loaders (before run loaders, no range saved) finishes its epoch with
+    `make_loader`, as it was written.
+    """
+
+    def __init__(self, split, config, *, batch_size: int, seed: int, steps_per_epoch: int):
+        self._split, self._steps, self._last_epoch = split, steps_per_epoch, config.epochs
+        self._workdir = config.workdir
+        self._options = dict(batch_size=batch_size, seed=seed, sampler=config.sampler,
+                             image_size=config.image_size, worker_count=config.worker_count,
+                             shard_index=jax.process_index(), shard_count=jax.process_count())
+        self._iterator = None
+        self._range: tuple[int, int] | None = None  # the run loader's epochs; None: a one-epoch loader
+        self._ends = 0  # the first epoch the open loader does not serve
+        self._served_until = (0, 0)  # (epoch, batch) of the iterator's next batch
+
+    def resume(self, progress: dict) -> None:
+        """Open the loader a mid-epoch checkpoint was taken from and restore its state there."""
+        epoch, done, saved = progress["epoch"], progress["batches_done"], progress.get("data_state")
+        if not (done and saved):
+            return  # an epoch start: `next` opens a run loader
+        loader = progress.get("data_loader")
+        if loader is None:  # written by the per-epoch loop
+            self._open(epoch, None)
+        else:
+            self._open(loader["first_epoch"], loader["last_epoch"])
+        try:
+            self._iterator.set_state(data_state_of_this_process(saved).encode())
+        except ValueError as error:  # grain restores only with the worker count it saved with
+            raise UserError(f"{self._workdir}: cannot resume mid-epoch {epoch + 1} with these data "
+                            f"options ({error}); resume with the --workers of the interrupted run") from None
+        self._served_until = (epoch, done)
+
+    def next(self, epoch: int) -> dict:
+        """The next training batch of `epoch` (each epoch's batches are asked for in order)."""
+        if not self._served_until[0] == epoch < self._ends:  # used up (or never opened)
+            self._open(epoch, max(self._last_epoch, epoch + 1))
+        batch = next(self._iterator)
+        at_epoch, at_batch = self._served_until
+        self._served_until = (at_epoch, at_batch + 1) if at_batch + 1 < self._steps else (at_epoch + 1, 0)
+        return batch
+
+    def position(self) -> dict:
+        """progress entries that resume right after the last batch served (see `resume`)."""
+        first_last = None if self._range is None else dict(zip(("first_epoch", "last_epoch"), self._range))
+        return {"data_state": self._iterator.get_state().decode(), "data_loader": first_last}
+
+    def close(self) -> None:
+        """Stop the loader's worker processes now rather than whenever it is collected."""
+        _close(self._iterator)
+        self._iterator = None
+
+    def _open(self, first_epoch: int, last_epoch: int | None) -> None:
+        """A run loader over [first_epoch, last_epoch), or with last_epoch None one epoch's loader."""
+        from arm_jax.data.pipeline import make_loader, make_run_loader
+
+        self.close()
+        if last_epoch is None:
+            loader = make_loader(self._split, epoch=first_epoch, train=True, **self._options)
+        else:
+            loader = make_run_loader(self._split, first_epoch=first_epoch, last_epoch=last_epoch, **self._options)
+        self._iterator = iter(loader)
+        self._range = None if last_epoch is None else (first_epoch, last_epoch)
+        self._ends = first_epoch + 1 if last_epoch is None else last_epoch
+        self._served_until = (first_epoch, 0)
+
+
+class ValidationBatches:
+    """Validation batches, read in a background thread from `prepare()` (a few training steps
+    before the epoch ends) until `batches()` has served them, so the device does not wait
+    for the first ones; the same batches as reading `open_loader()` afterwards."""
+
+    LEAD_STEPS = 3  # prepare this many training steps before the epoch ends
+
+    def __init__(self, open_loader):
+        self._open_loader, self._prefetch = open_loader, None
+
+    def prepare(self) -> None:
+        if self._prefetch is None:
+            self._prefetch = Prefetch(self._open_loader)
+
+    def batches(self):
+        """This epoch's validation batches (prefetched if `prepare` was called)."""
+        self.prepare()
+        prefetch, self._prefetch = self._prefetch, None
+        try:
+            yield from prefetch
+        finally:
+            prefetch.close()
+
+    def close(self) -> None:
+        """Stop a prefetch that was prepared but not read (a stop near an epoch's end)."""
+        if self._prefetch is not None:
+            self._prefetch.close()
+            self._prefetch = None
+
+
+class Prefetch:
+    """Iterate `make_iterable()` in a background thread into a bounded queue."""
+
+    _END = object()
+
+    def __init__(self, make_iterable, size: int = 4):
+        self._queue: queue.Queue = queue.Queue(maxsize=size)
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(make_iterable,), daemon=True,
+                                        name="arm-jax-prefetch")
+        self._thread.start()
+
+    def __iter__(self):
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+
+    def close(self) -> None:
+        """Stop the thread (after the batch it is preparing) and drop what it queued."""
+        self._closed.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._thread.join()
+
+    def _fill(self, make_iterable) -> None:
+        iterator = None
+        try:
+            iterator = iter(make_iterable())
+            for item in iterator:
+                if not self._put(item):
+                    return
+            self._put(self._END)
+        except BaseException as error:  # noqa: BLE001 -- raised again in the consuming thread
+            self._put(_Failed(error))
+        finally:
+            _close(iterator)
+
+    def _put(self, item) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+
+class _Failed:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class Timings:
+    """Where the loop's wall time goes, for benchmarks (scripts/benchmark_loop.py): a list of
+    (what, epoch, start, end) with perf_counter times. `what`: 'batch' (waiting for the next
+    training batch), 'step' (the rest of a training iteration: transfer, dispatch, the previous
+    step's metrics; the last one of an epoch waits for its own), 'validate' (all of
+    validation), 'val_batch' (waiting for a validation batch), 'epoch_end' (after validation:
+    metrics, checkpoint, log)."""
+
+    def __init__(self):
+        self.events: list[tuple[str, int, float, float]] = []
+
+    def add(self, what: str, epoch: int, start: float, end: float | None = None) -> None:
+        self.events.append((what, epoch, start, time.perf_counter() if end is None else end))
+
+    def timed(self, iterable, what: str, epoch: int):
+        """`iterable`'s items, recording each wait for one as `what`."""
+        iterator = iter(iterable)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            self.add(what, epoch, start)
+            yield item
+
+
+def _close(iterator) -> None:
+    """Shut a grain DataLoader iterator's worker processes down (grain has no public close)."""
+    inner = getattr(iterator, "_iterator", None)
+    if hasattr(inner, "close"):
+        inner.close()

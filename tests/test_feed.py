@@ -1,0 +1,49 @@
+"""What feeds the training loop (arm_jax/training/feed.py): validation batches prefetched in a
+thread are the loader's own batches; errors reach the consumer; a stopped prefetch ends.
+(TrainBatches across epochs and resumes: tests/test_train.py, through train().)"""
+
+import threading
+import time
+
+import pytest
+
+from arm_jax.training.feed import Prefetch, ValidationBatches
+from tests.test_pipeline import TinySplit, _loader, _same
+
+
+def test_prefetched_validation_batches_equal_the_loader_read_afterwards():
+    split = TinySplit(n=45)  # 45 / 8: five full batches and a partial one
+    expected = list(_loader(split, train=False, shuffle_eval=True, seed=4))
+    validation = ValidationBatches(lambda: _loader(split, train=False, shuffle_eval=True, seed=4))
+    for epoch in range(2):  # prepared early, then read; a second epoch prefetches afresh
+        validation.prepare()
+        time.sleep(0.2)
+        _same(list(validation.batches()), expected)
+    _same(list(validation.batches()), expected)  # without prepare(): read on demand
+
+
+def test_an_error_in_the_prefetch_thread_is_raised_to_the_reader():
+    def failing():
+        yield 1
+        raise ValueError("record 7 is corrupt")
+
+    prefetch = Prefetch(failing)
+    items = iter(prefetch)
+    assert next(items) == 1
+    with pytest.raises(ValueError, match="record 7 is corrupt"):
+        next(items)
+
+
+def test_closing_a_full_prefetch_ends_its_thread():
+    produced = []
+
+    def endless():
+        while True:
+            produced.append(len(produced))
+            yield produced[-1]
+
+    prefetch = Prefetch(endless, size=2)
+    time.sleep(0.2)
+    assert 2 <= len(produced) <= 4  # bounded: the queue holds 2, the thread waits with one more
+    prefetch.close()
+    assert not any(t.name == "arm-jax-prefetch" and t.is_alive() for t in threading.enumerate())

@@ -80,6 +80,7 @@ def test_running_gar_averages_then_decays(rng):
     assert int(variables["gar"]["count"]) == 12
 
 
+@pytest.mark.slow  # fast tier: the model applied at several batch shapes and modes (27 s under load)
 def test_running_mode_prediction_does_not_depend_on_the_batch():
     model = ARMResNet18(num_classes=3, image_size=64, gar_mode="running")
     x = jax.random.normal(jax.random.key(1), (4, 64, 64, 3))

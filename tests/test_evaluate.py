@@ -222,6 +222,7 @@ def test_bad_records_stop_evaluation(authors_checkpoint, tmp_path, rng):
     assert "Traceback" not in result.output and not (tmp_path / "cm.png").exists()
 
 
+@pytest.mark.slow  # fast tier: calibrates, then predicts at several batch compositions (20 s under load)
 def test_predict_answers_per_image_independently(authors_checkpoint, tmp_path):
     path, _ = authors_checkpoint
     loaded = calibrate_gar(load_any_model(path).named(CLASS_NAMES, "test"), SyntheticSplit("train", size=64),

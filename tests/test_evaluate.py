@@ -50,6 +50,7 @@ def torch_batch_logits(torch_model, split, batch_size: int) -> np.ndarray:
     return np.concatenate(outputs)
 
 
+@pytest.mark.slow  # fast tier: both frameworks over 101 images (16 s of CPU)
 def test_authors_checkpoint_predictions_match_pytorch(authors_checkpoint):
     path, torch_model = authors_checkpoint
     split = SyntheticSplit("test", size=3 * BATCH + 5)  # a short last batch too

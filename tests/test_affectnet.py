@@ -43,7 +43,7 @@ def test_record_is_the_face_box_content(tmp_path, rng):
     fx.write_affectnet_csv(tmp_path, {"training": rows, "validation": rows[:1]})
     split = raw("affectnet8", tmp_path, "train")
     assert split.labels.tolist() == [0, 1, 2, 3]
-    for record, (path, _, image, *box) in zip(split, rows):
+    for record, (path, _, image, *box) in zip(split, rows, strict=True):
         x, y, w, h = box[0] if box else fx.margin_box(image.shape)
         whole = decoded(tmp_path, path)
         expected = whole[max(y, 0):y + h, max(x, 0):x + w]  # numpy clips the far edges

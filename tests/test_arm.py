@@ -80,6 +80,7 @@ def test_running_gar_averages_then_decays(rng):
     assert int(variables["gar"]["count"]) == 12
 
 
+@pytest.mark.slow  # fast tier: the model applied at several batch shapes and modes (27 s under load)
 def test_running_mode_prediction_does_not_depend_on_the_batch():
     model = ARMResNet18(num_classes=3, image_size=64, gar_mode="running")
     x = jax.random.normal(jax.random.key(1), (4, 64, 64, 3))
@@ -165,6 +166,7 @@ def test_raw_kernel_sweep_of_figure_6(k, rng):
     np.testing.assert_allclose(out, expected, rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.slow  # fast tier: initialises the full model (17 s of CPU)
 def test_head_starts_from_pytorchs_default_initialisation():
     """fc and De-albino U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as nn.Linear/nn.Conv2d; BN 1/0; alpha 1."""
     variables = init_variables(ARMResNet18(num_classes=7, image_size=96), jax.random.key(0))  # as test_steps: one compile
@@ -206,6 +208,7 @@ def test_wrong_input_shape_is_a_clear_error():
         model.init({"params": jax.random.key(0)}, jnp.zeros((1, 32, 32, 3)), train=False)
 
 
+@pytest.mark.slow  # fast tier: the full model in float32 and bf16 (32 s of CPU)
 def test_bfloat16_computation_keeps_float32_parameters():
     model = ARMResNet18(num_classes=7, image_size=64, dtype=jnp.bfloat16)
     x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))

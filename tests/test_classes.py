@@ -114,6 +114,7 @@ def fer_model(tmp_path_factory, fer_data):
     return named, nameless
 
 
+@pytest.mark.slow  # fast tier: evaluates across data sets (11 s of CPU)
 def test_cross_data_set_evaluation_by_name(fer_model, fer_data):
     named, _ = fer_model
     assert load_any_model(named).class_names == ORDERS["fer2013"]  # canonical on loading

@@ -128,6 +128,7 @@ def test_wrong_shape_missing_and_unexpected_keys_are_named():
     assert "unexpected keys (1): arm.extra.weight" in message
 
 
+@pytest.mark.slow  # fast tier: export and PyTorch round trip (23 s of CPU)
 def test_export_round_trip_loads_into_pytorch(tmp_path, images):
     model = ARMResNet18(num_classes=7, image_size=SIZE)
     x = jnp.asarray(images.permute(0, 2, 3, 1).numpy())

@@ -50,6 +50,7 @@ def torch_batch_logits(torch_model, split, batch_size: int) -> np.ndarray:
     return np.concatenate(outputs)
 
 
+@pytest.mark.slow  # fast tier: both frameworks over 101 images (16 s of CPU)
 def test_authors_checkpoint_predictions_match_pytorch(authors_checkpoint):
     path, torch_model = authors_checkpoint
     split = SyntheticSplit("test", size=3 * BATCH + 5)  # a short last batch too
@@ -222,6 +223,7 @@ def test_bad_records_stop_evaluation(authors_checkpoint, tmp_path, rng):
     assert "Traceback" not in result.output and not (tmp_path / "cm.png").exists()
 
 
+@pytest.mark.slow  # fast tier: calibrates, then predicts at several batch compositions (20 s under load)
 def test_predict_answers_per_image_independently(authors_checkpoint, tmp_path):
     path, _ = authors_checkpoint
     loaded = calibrate_gar(load_any_model(path).named(CLASS_NAMES, "test"), SyntheticSplit("train", size=64),

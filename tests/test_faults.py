@@ -30,18 +30,6 @@ TINY = dict(dataset="synthetic", image_size=48, batch_size=8, eval_batch_size=16
 STEPS = 12
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    """One compilation cache for this module's runs, in-process and in subprocesses."""
-    directory = str(tmp_path_factory.mktemp("jax_cache"))
-    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    yield directory
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-
-
 def _cli_args(workdir, **overrides) -> list[str]:
     args = [sys.executable, "-m", "cli.train", "--workdir", str(workdir), "--quiet"]
     for key, value in {**TINY, **overrides}.items():
@@ -51,9 +39,9 @@ def _cli_args(workdir, **overrides) -> list[str]:
     return args
 
 
-def _env(cache_dir) -> dict:
-    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache_dir,
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+def _env() -> dict:
+    # The session's compilation cache comes through the environment (tests/conftest.py).
+    return dict(os.environ, JAX_PLATFORMS="cpu")
 
 
 def _variables(workdir):
@@ -80,10 +68,10 @@ def _names(workdir, kind="latest") -> frozenset:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache_dir):
+def reference(tmp_path_factory):
     """An uninterrupted run through the CLI: its final variables."""
     workdir = tmp_path_factory.mktemp("reference")
-    done = subprocess.run(_cli_args(workdir), cwd=REPO, env=_env(cache_dir), capture_output=True,
+    done = subprocess.run(_cli_args(workdir), cwd=REPO, env=_env(), capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.splitlines()[-1])["step"] == STEPS
@@ -91,7 +79,7 @@ def reference(tmp_path_factory, cache_dir):
 
 
 @pytest.mark.slow
-def test_sigkill_at_10_random_moments_resumes_bitwise(tmp_path, cache_dir, reference):
+def test_sigkill_at_10_random_moments_resumes_bitwise(tmp_path, reference):
     """10 SIGKILLs, half the moment a checkpoint write starts, half at a random time after a
     step was saved; every relaunch resumes from the newest finished checkpoint, loses at most
     the one in flight, and the finished run equals the uninterrupted one bit for bit."""
@@ -102,7 +90,7 @@ def test_sigkill_at_10_random_moments_resumes_bitwise(tmp_path, cache_dir, refer
         log_path = tmp_path / f"launch{launch}.log"
         stale = _names(tmp_path / "run")  # temporary directories of killed saves stay behind
         with open(log_path, "w") as log:
-            proc = subprocess.Popen(_cli_args(tmp_path / "run"), cwd=REPO, env=_env(cache_dir),
+            proc = subprocess.Popen(_cli_args(tmp_path / "run"), cwd=REPO, env=_env(),
                                     stdout=log, stderr=subprocess.STDOUT)
         if len(kills) == 10:
             assert proc.wait(timeout=600) == 0, log_path.read_text()[-3000:]
@@ -167,7 +155,7 @@ def test_no_intact_checkpoint_is_an_error(tmp_path, reference):
 
 
 @pytest.mark.slow
-def test_resume_skips_corrupt_newest_checkpoints(tmp_path, cache_dir, reference, caplog):
+def test_resume_skips_corrupt_newest_checkpoints(tmp_path, reference, caplog):
     """A run stopped at step 8, then step 8 truncated and step 7 given garbage JSON: the
     loader evaluate/predict use falls back to step 7 and a resumed training to step 6, warning
     with the skipped paths; the resumed run ends bit for bit as the uninterrupted one."""
@@ -221,7 +209,7 @@ def _tmpfs_available() -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _tmpfs_available(), reason="needs unshare -Urm and a tmpfs mount")
-def test_disk_full_during_a_save_is_a_clear_error_and_resumes_elsewhere(tmp_path, cache_dir, reference):
+def test_disk_full_during_a_save_is_a_clear_error_and_resumes_elsewhere(tmp_path, reference):
     """Training on a 200 MB tmpfs (one checkpoint is ~135 MB): the second save fails with a
     message naming the checkpoint; the first is intact; copied to a disk with room, it resumes."""
     mount = tmp_path / "small"
@@ -229,7 +217,7 @@ def test_disk_full_during_a_save_is_a_clear_error_and_resumes_elsewhere(tmp_path
     train_cmd = " ".join(f"'{a}'" for a in _cli_args(mount / "run"))
     script = (f"mount -t tmpfs -o size=200m tmpfs {mount} && cd {REPO} && {{ {train_cmd}; echo rc=$?; }}; "
               f"cp -a {mount}/run {tmp_path}/copied")
-    done = subprocess.run(["unshare", "-Urm", "sh", "-c", script], env=_env(cache_dir),
+    done = subprocess.run(["unshare", "-Urm", "sh", "-c", script], env=_env(),
                           capture_output=True, text=True, timeout=600)
     assert "rc=2" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
     error = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
@@ -238,7 +226,7 @@ def test_disk_full_during_a_save_is_a_clear_error_and_resumes_elsewhere(tmp_path
     copied = tmp_path / "copied"
     assert _steps(copied) == [1]
     assert "older checkpoints (steps 1) are intact" in error[0]
-    resumed = subprocess.run(_cli_args(copied), cwd=REPO, env=_env(cache_dir), capture_output=True,
+    resumed = subprocess.run(_cli_args(copied), cwd=REPO, env=_env(), capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "(step 1)" in resumed.stderr

@@ -105,7 +105,7 @@ def test_fer2013_rows_read_right_or_are_reported(rows, split):
         problems = Problems("fuzz")
         records = read_records("fer2013", Path(tmp), split, problems)
         assert [int(x) for x in records.labels] == [label for label, _ in expected]
-        for image, (_, pixels) in zip(records.images, expected):
+        for image, (_, pixels) in zip(records.images, expected, strict=True):
             assert np.array_equal(image, pixels)
         assert _reported_lines(problems, path) == must_report
 

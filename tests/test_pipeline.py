@@ -176,6 +176,7 @@ def test_variable_size_images_are_staged_on_the_host():
             assert difference.max() <= 2.0, (i, native.shape, side)  # uint8 rounding of two conventions
 
 
+@pytest.mark.slow  # fast tier: grain worker processes, started several times (63 s under load)
 def test_two_workers_give_the_same_batches_and_resume():
     """Worker processes: same batches as in-process; a mid-epoch state resumes exactly."""
     # 86 records, batch 4: 21 training batches, so the two workers get 11 and 10.

@@ -29,6 +29,7 @@ def test_cli_rejects_a_bad_worker_count_before_training(tmp_path):
     assert "--workers" in str(result.exception) and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # fast tier: grain worker processes over several epochs (36 s under load)
 def test_run_loader_starts_workers_once_and_equals_per_epoch_loaders():
     """Three MRR epochs from one loader with 2 workers: same batches as three per-epoch loaders, same pids."""
     import multiprocessing

@@ -119,3 +119,69 @@ def test_cli_prepare(tmp_path, rng):
     assert "train: 2 records" in out.output
     out = runner.invoke(prepare_command, ["--dataset", "mnist", "--data-dir", str(tmp_path)])
     assert out.exit_code == 2 and "--dataset" in out.output and "raf_db" in out.output
+
+
+def _assert_every_split_round_trips(dataset, src, tfds_dir):
+    for split in SPLITS:
+        assert_same(open_split(dataset, src, split, tfds_data_dir=tfds_dir),
+                    open_split(dataset, src, split, prepared=False))
+
+
+def test_ferplus_prepared_equals_raw_and_a_changed_vote_file_is_read_raw(tmp_path, rng):
+    rows = fx.fer2013_rows(rng, per_split=4)
+    src, tfds_dir = tmp_path / "src", tmp_path / "tfds"
+    fx.write_fer2013_csv(src / "fer2013.csv", rows)
+    votes = [[0] * 10 for _ in rows]
+    for i in range(len(rows)):
+        votes[i][i % 8] = 9  # majority class i % 8 (contempt included)
+    votes[1] = [5, 5, 0, 0, 0, 0, 0, 0, 0, 0]  # no majority: dropped in both readers
+    names = [f"fer{i:07d}.png" for i in range(len(rows))]
+    fx.write_ferplus_csv(src / "fer2013new.csv", [(u, n, v) for (_, _, u), n, v in zip(rows, names, votes, strict=True)])
+    first = prepare("ferplus", src, tfds_data_dir=tfds_dir)
+    assert first.sizes == {"train": 3, "val": 4, "test": 4} and not first.reused
+    _assert_every_split_round_trips("ferplus", src, tfds_dir)
+    # New votes (the labels come from fer2013new.csv): the old records must not be served.
+    votes[0] = [0, 0, 0, 0, 0, 0, 0, 9, 0, 0]
+    fx.write_ferplus_csv(src / "fer2013new.csv", [(u, n, v) for (_, _, u), n, v in zip(rows, names, votes, strict=True)])
+    stale = open_split("ferplus", src, "train", tfds_data_dir=tfds_dir)
+    assert not isinstance(stale, PreparedSplit) and stale.labels[0] == 7
+    second = prepare("ferplus", src, tfds_data_dir=tfds_dir)
+    assert second.path != first.path and not second.reused
+    _assert_every_split_round_trips("ferplus", src, tfds_dir)
+
+
+@pytest.mark.parametrize("dataset", ["folder", "fer2013_folder"])
+def test_image_folders_prepared_equal_raw_and_an_added_image_is_read_raw(tmp_path, rng, dataset):
+    names = ["angry", "happy", "sad"] if dataset == "folder" else \
+        ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
+    shape = (40, 30, 3) if dataset == "folder" else (48, 48)
+    images = lambda n: {name: [fx.random_image(rng, shape) for _ in range(n)] for name in names}
+    src = fx.write_class_folders(tmp_path / "src", {"train": images(2), "test": images(1)})
+    tfds_dir = tmp_path / "tfds"
+    first = prepare(dataset, src, tfds_data_dir=tfds_dir)
+    assert first.sizes["train"] == 2 * len(names) and not first.reused
+    _assert_every_split_round_trips(dataset, src, tfds_dir)
+    assert prepare(dataset, src, tfds_data_dir=tfds_dir).reused
+    fx.write_image(src / "train" / "happy" / "00009.jpg", fx.random_image(rng, shape))
+    stale = open_split(dataset, src, "train", tfds_data_dir=tfds_dir)
+    assert not isinstance(stale, PreparedSplit) and len(stale) == 2 * len(names) + 1
+    second = prepare(dataset, src, tfds_data_dir=tfds_dir)
+    assert second.path != first.path and second.sizes["train"] == 2 * len(names) + 1
+    _assert_every_split_round_trips(dataset, src, tfds_dir)
+
+
+def test_affectnet_csv_prepared_equals_raw_and_a_changed_list_is_read_raw(tmp_path, rng):
+    """The CSV release: prepared face crops (PNG, lossless) equal the raw reader's crops."""
+    shared = fx.random_image(rng, (90, 80, 3))
+    rows = [("1/a.jpg", 0, fx.random_image(rng, (70, 70, 3))), ("1/b.jpg", 1, shared),
+            ("1/b.jpg", 2, shared, (4, 6, 30, 40)),  # same file, another face
+            ("2/c.jpg", 9, fx.random_image(rng, (60, 50, 3)))]  # not an expression: dropped
+    src, tfds_dir = fx.write_affectnet_csv(tmp_path / "an", {"training": rows, "validation": rows[:2]}), tmp_path / "tfds"
+    first = prepare("affectnet8", src, tfds_data_dir=tfds_dir)
+    assert first.sizes["train"] == 3 and not first.reused
+    for split in ("train", "test"):
+        assert_same(open_split("affectnet8", src, split, tfds_data_dir=tfds_dir),
+                    open_split("affectnet8", src, split, prepared=False))
+    fx.write_affectnet_csv(src, {"training": rows[:2] + [("1/b.jpg", 5, shared, (4, 6, 30, 40))]})
+    stale = open_split("affectnet8", src, "train", tfds_data_dir=tfds_dir)
+    assert not isinstance(stale, PreparedSplit) and stale.labels.tolist() == [0, 1, 5]

@@ -15,11 +15,6 @@ def raw(dataset, data_dir, split, **kwargs):
     return open_split(dataset, data_dir, split, prepared=False, **kwargs)
 
 
-@pytest.fixture
-def rng():
-    return np.random.default_rng(0)
-
-
 # --- FER2013 and FER+ -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("icml", [False, True])
@@ -90,7 +85,7 @@ def test_ferplus_labels_follow_fer2013_rows(tmp_path, rng):
     names = [f"fer{i:07d}.png" for i in range(len(rows))]
     names[2] = ""                                           # no image: dropped
     fx.write_ferplus_csv(tmp_path / "fer2013new.csv",
-                         [(u, n, v) for (_, _, u), n, v in zip(rows, names, votes)])
+                         [(u, n, v) for (_, _, u), n, v in zip(rows, names, votes, strict=True)])
     train = raw("ferplus", tmp_path, "train")
     assert train.labels.tolist() == [0] and train.report.dropped == 2
     assert train.class_names[0] == "neutral" and len(train.class_names) == 8

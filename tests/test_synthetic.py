@@ -3,6 +3,7 @@
 import pickle
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from arm_jax.data.splits import open_split
@@ -44,6 +45,7 @@ def test_classes_differ_by_geometry_not_by_mean_brightness():
     assert class_means.std() < 0.5 * brightness.std()
 
 
+@pytest.mark.slow  # fast tier: draws 1,050 synthetic faces and fits a classifier (30 s under load)
 def test_learnable_but_not_trivial():
     # Softmax regression on 16x16 gray pixels: well above chance (1/7), far from perfect.
     def features(split, size):

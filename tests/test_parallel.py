@@ -31,6 +31,13 @@ import pytest
 IMAGE_SIZE, BATCH, CLASSES, DEVICES, STEPS = 40, 8, 7, 4, 2
 # Max abs difference relative to the largest magnitude of each array, in float64.
 TOLERANCE = 1e-9  # measured at 64 px: 1x4 modes 2.8e-11, 2x2 vs 1x4 5.6e-11 (Adam divides tiny gradients by their size)
+# The loss is summed in float32 (steps.cross_entropy casts the logits), over devices in another
+# order: measured 6.2e-8 (eval, 40 px, pmap vs none).
+LOSS_TOLERANCE = 1e-6
+
+
+def _within_bounds(worst: dict) -> bool:
+    return all(value <= (LOSS_TOLERANCE if part.endswith(" loss") else TOLERANCE) for part, value in worst.items())
 
 
 def _batches() -> list[dict]:
@@ -76,14 +83,16 @@ def _run_modes(modes: list[str], out_path: str) -> None:
         for batch in _batches():
             state, metrics = step(state, par.put_batch({k: v[mine] for k, v in batch.items()}),
                                   jax.random.key(1))
-        host_state = par.host_state(state)
-        saved[f"{mode}/state"] = host_state
+        saved[f"{mode}/state"] = par.host_state(state)
         saved[f"{mode}/metrics"] = par.fetch(metrics)
         if jax.process_count() == 1:  # evaluation reads the whole batch on every process
+            # Every mode evaluates the same state (the first mode's), so that only the
+            # evaluation paths are compared: at 40 px the 1e-10 state differences of the
+            # modes grow to ~6e-8 in eval logits through BatchNorm's small running variances.
             evaluate = par.compile_eval(lambda axis: make_eval_step(
                 with_runtime(model, axis_name=axis), image_size=IMAGE_SIZE))
-            saved[f"{mode}/eval"] = {k: v for k, v in evaluate(par.put_state(host_state), _batches()[0]).items()
-                                     if k != "logits"}
+            evaluated = par.put_state(saved[f"{modes[0]}/state"])
+            saved[f"{mode}/eval"] = {k: v for k, v in evaluate(evaluated, _batches()[0]).items() if k != "logits"}
     if jax.process_index() == 0:
         flat = {f"{name}{jax.tree_util.keystr(path)}": np.asarray(leaf)
                 for name, tree in saved.items() for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
@@ -119,6 +128,7 @@ def _worst(reference: dict, other: dict, prefix: str, other_prefix: str | None =
         if key.startswith(prefix + "/") and other_key in other:
             a, b = reference[key], other[other_key]
             part = key.split("/")[1].split("[")[0].split(".")[0]
+            part += " loss" if "loss_sum" in key else ""
             rel = float(np.max(np.abs(a.astype(np.float64) - b)) / max(float(np.max(np.abs(a))), 1e-12))
             worst[part] = max(worst.get(part, 0.0), rel)
     return worst
@@ -144,7 +154,8 @@ def test_none_pmap_jit_give_the_same_steps(one_process):
     for mode in ("pmap", "jit"):
         worst = _worst(out, out, "none", mode)
         print(mode, worst)
-        assert set(worst) == {"state", "metrics", "eval"} and max(worst.values()) <= TOLERANCE, (mode, worst)
+        assert set(worst) == {"state", "metrics", "metrics loss", "eval", "eval loss"}, worst
+        assert _within_bounds(worst), (mode, worst)
 
 
 @pytest.mark.slow
@@ -157,7 +168,7 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(one_process, tmp
     for mode in ("pmap", "jit"):
         worst = _worst(one_process, two, mode)
         print(f"2x2 vs 1x4 {mode}: {worst}")
-        assert set(worst) == {"state", "metrics"} and max(worst.values()) <= TOLERANCE, (mode, worst)
+        assert set(worst) == {"state", "metrics", "metrics loss"} and _within_bounds(worst), (mode, worst)
 
 
 if __name__ == "__main__":

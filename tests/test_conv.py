@@ -1,11 +1,12 @@
-"""Custom-gradient convolutions equal jax.grad of the plain convolution (float64)."""
+"""Convolutions written another way (custom gradients, float64 tap products) equal the plain
+convolution and its jax.grad (float64)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arm_jax.models.conv import plain_conv, polyphase_input_grad, strided_conv
+from arm_jax.models.conv import plain_conv, polyphase_input_grad, strided_conv, tap_matmul_conv
 
 # (height, width, kernel, stride, padding): ResNet-18's strided convs (3x3/2 pad 1, 1x1/2)
 # at odd and even sides, plus a stride 3 and a kernel smaller than its stride (phases without taps).
@@ -37,3 +38,29 @@ def test_custom_gradients_equal_plain_conv_gradients(height, width, kernel_size,
         assert _relative(got_k, want_k) <= 1e-9
         assert _relative(polyphase, want_x) <= 1e-9
 
+
+
+# ResNet-18's float64 shapes: conv1 (7x7/2 pad 3), 3x3/1 and /2 pad 1, the 1x1/2 projection;
+# odd and even sides.
+TAP_CASES = [(11, 10, 7, 2, 3), (5, 5, 3, 1, 1), (9, 8, 3, 2, 1), (9, 8, 1, 2, 0)]
+
+
+@pytest.mark.parametrize(("height", "width", "kernel_size", "stride", "padding"), TAP_CASES)
+def test_tap_matmul_conv_and_its_gradients_equal_the_plain_conv(height, width, kernel_size, stride, padding):
+    with jax.enable_x64(True):
+        keys = jax.random.split(jax.random.key(height * 17 + kernel_size), 3)
+        x = jax.random.normal(keys[0], (2, height, width, 3), jnp.float64)
+        kernel = jax.random.normal(keys[1], (kernel_size, kernel_size, 3, 4), jnp.float64)
+        grad = jax.random.normal(keys[2], plain_conv(x, kernel, stride, padding).shape, jnp.float64)
+
+        @jax.jit
+        def both(x, kernel, grad):
+            out, plain_vjp = jax.vjp(lambda x, k: plain_conv(x, k, stride, padding), x, kernel)
+            taps_out, taps_vjp = jax.vjp(lambda x, k: tap_matmul_conv(x, k, stride, padding), x, kernel)
+            return out, taps_out, plain_vjp(grad), taps_vjp(grad)
+
+        out, taps_out, (want_x, want_k), (got_x, got_k) = both(x, kernel, grad)
+        assert taps_out.shape == out.shape
+        assert _relative(taps_out, out) <= 1e-12
+        assert _relative(got_x, want_x) <= 1e-12
+        assert _relative(got_k, want_k) <= 1e-12

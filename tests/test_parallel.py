@@ -58,6 +58,7 @@ def _run_modes(modes: list[str], out_path: str) -> None:
     import jax
     import jax.numpy as jnp
 
+    from arm_jax.interop.pretrained import init_variables
     from arm_jax.models import ARMResNet18, with_runtime
     from arm_jax.training.config import TrainConfig
     from arm_jax.training.optim import make_optimizer
@@ -68,8 +69,7 @@ def _run_modes(modes: list[str], out_path: str) -> None:
     assert jax.device_count() == DEVICES and jax.config.jax_enable_x64
     model = ARMResNet18(num_classes=CLASSES, image_size=IMAGE_SIZE, dtype=jnp.float64,
                         param_dtype=jnp.float64)
-    x = np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.float64)
-    variables = model.init({"params": jax.random.key(0)}, x, train=False)
+    variables = init_variables(model, jax.random.key(0))  # jitted: eager float64 init compiles op by op
     tx = make_optimizer(TrainConfig(), steps_per_epoch=10)
     host = jax.tree.map(np.asarray, TrainState.create(variables, tx))
     share = BATCH // jax.process_count()  # this process's rows of each global batch

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from arm_jax.models.batchnorm import BatchNorm
-from arm_jax.models.conv import strided_conv
+from arm_jax.models.conv import strided_conv, tap_matmul_conv
 
 # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu") for every conv.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -37,6 +37,10 @@ class Conv(nn.Module):
         kernel = self.param("kernel", conv_init, (k, k, x.shape[-1], self.features), self.param_dtype)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         pads = ((self.padding, self.padding), (self.padding, self.padding))
+        if x.dtype == jnp.float64 and jax.default_backend() == "cpu":
+            # XLA:CPU has no library kernel for float64 convolutions (measured ~50x slower than
+            # float32); float64 checks (parity, multi-device equality) would spend minutes here.
+            return tap_matmul_conv(x, kernel, self.stride, self.padding)
         if _slow_on_xla_cpu(x, k):
             return _conv_as_matmul(x, kernel, self.stride, pads)
         if self.stride > 1 and x.shape[1] >= 48 and jax.default_backend() == "cpu":

@@ -15,11 +15,18 @@ def _rng(seed=0):
     return np.random.default_rng(seed)
 
 
-def test_flip_is_an_exact_mirror():
-    image = _rng().integers(0, 256, (5, 7, 3), dtype=np.uint8)
-    flipped = transforms.flip_horizontal(image)
-    for col in range(7):
-        np.testing.assert_array_equal(flipped[:, col], image[:, 6 - col])
+@pytest.mark.parametrize("shape", [(5, 7, 3), (5, 7, 1), (4, 1, 3), (3, 6, 4)])
+def test_flip_is_an_exact_mirror(shape):
+    image = _rng().integers(0, 256, shape, dtype=np.uint8)
+    padded = np.zeros((2 * shape[0], shape[1] + 2, shape[2]), np.uint8)
+    padded[::2, 1:-1] = image
+    reversed_ = np.ascontiguousarray(image[:, ::-1])[:, ::-1]  # negative strides
+    for source in (image, padded[::2, 1:-1], reversed_):
+        flipped = transforms.flip_horizontal(source)
+        assert flipped.shape == shape and flipped.dtype == np.uint8
+        assert flipped.flags.c_contiguous
+        for col in range(shape[1]):
+            np.testing.assert_array_equal(flipped[:, col], image[:, shape[1] - 1 - col])
 
 
 def test_noise_has_variance_30_and_is_clipped_and_rounded():

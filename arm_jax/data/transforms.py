@@ -33,8 +33,13 @@ NO_ERASE = np.zeros(4, dtype=np.int32)  # (top, left, height, width); height 0 e
 # ---- host, per record -------------------------------------------------------------------
 
 def flip_horizontal(image: np.ndarray) -> np.ndarray:
-    """Mirror left-right (H, W, C)."""
-    return np.ascontiguousarray(image[:, ::-1])
+    """Mirror left-right (H, W, C), as a new C-contiguous array."""
+    # One strided copy per channel: numpy copies a reversed 3-byte inner run slowly
+    # (100x100x3 here: np.ascontiguousarray(image[:, ::-1]) 74-113 us, this 15 us).
+    flipped = np.empty(image.shape, image.dtype)
+    for c in range(image.shape[-1]):
+        flipped[:, :, c] = image[:, ::-1, c]
+    return flipped
 
 
 NOISE_LEVELS = 16  # the noise is drawn with a resolution of 2**-NOISE_LEVELS in probability

@@ -3,7 +3,8 @@
     python scripts/benchmark_data.py [--records 3072] [--batch-size 256] [--workers 0,1,2]
 
 FER2013 format: 48x48x1 uint8 records held in memory. RAF-DB format: 100x100x3 JPEGs
-written to a temporary folder and decoded with PIL in __getitem__. Each configuration
+written to a temporary folder and decoded in __getitem__ by the readers' decoder
+(`arm_jax.data.base.decode_image`, what a RAF-DB split does). Each configuration
 runs one training epoch (flip/noise, erasing boxes, batching); the clock starts at the
 first batch, so worker start-up is reported apart from throughput.
 """
@@ -18,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from arm_jax.data import pipeline, sampling, transforms
+from arm_jax.data.base import decode_image
 
 CLASSES = ("surprise", "fear", "disgust", "happiness", "sadness", "anger", "neutral")
 
@@ -49,8 +51,7 @@ class JpegSplit:
         return len(self.labels)
 
     def __getitem__(self, i):
-        with Image.open(self.paths[i]) as image:
-            return {"image": np.asarray(image.convert("RGB")), "label": self.labels[i]}
+        return {"image": decode_image(Path(self.paths[i]), "RGB"), "label": self.labels[i]}
 
 
 def _faces(rng: np.random.Generator, n: int, side: int, channels: int) -> np.ndarray:

@@ -177,7 +177,9 @@ def decode_image(source: Path | bytes, mode: str, size: int | None = None) -> np
     ImageTooLarge (a ValueError) for images over MAX_IMAGE_PIXELS, before decoding.
     """
     with open_image(source) as im:
-        im = _eight_bit(im).convert(mode)
+        im = _eight_bit(im)
+        if im.mode != mode:  # convert() to the same mode would copy all pixels
+            im = im.convert(mode)
         if size is not None and im.size != (size, size):
             im = im.resize((size, size), Image.BILINEAR)
         array = np.asarray(im, dtype=np.uint8)

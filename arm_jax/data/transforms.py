@@ -7,6 +7,7 @@ images (48x48x1) then travel at native size: 224*224*3 / (48*48) = 65x fewer byt
 `host_preprocess` is the same math in numpy, for checks and jax-free use.
 """
 
+import functools
 import math
 
 import jax
@@ -32,8 +33,47 @@ NO_ERASE = np.zeros(4, dtype=np.int32)  # (top, left, height, width); height 0 e
 # ---- host, per record -------------------------------------------------------------------
 
 def flip_horizontal(image: np.ndarray) -> np.ndarray:
-    """Mirror left-right (H, W, C)."""
-    return np.ascontiguousarray(image[:, ::-1])
+    """Mirror left-right (H, W, C), as a new C-contiguous array."""
+    # One strided copy per channel: numpy copies a reversed 3-byte inner run slowly
+    # (100x100x3 here: np.ascontiguousarray(image[:, ::-1]) 74-113 us, this 15 us).
+    flipped = np.empty(image.shape, image.dtype)
+    for c in range(image.shape[-1]):
+        flipped[:, :, c] = image[:, ::-1, c]
+    return flipped
+
+
+NOISE_LEVELS = 16  # the noise is drawn with a resolution of 2**-NOISE_LEVELS in probability
+
+
+@functools.lru_cache(maxsize=8)
+def rounded_gaussian_table(variance: float) -> np.ndarray:
+    """Inverse-CDF table of rint(N(0, variance)): 2**16 sorted values, int8 where they fit.
+
+    Entry i is the k whose bin [k - 1/2, k + 1/2) holds the Gaussian's quantile
+    (i + 1/2) / 2**16, so value k fills round(2**16 Phi((k + 1/2) / sigma)) -
+    round(2**16 Phi((k - 1/2) / sigma)) entries: each P(k) is the discretised Gaussian's to
+    within 2**-16. The extreme quantiles represented are 2**-17 and 1 - 2**-17 (-+4.33 sigma):
+    for variance 30 no |k| > 24 is drawn (the truncated tail P(|n| > 24.5) is 7.7e-6).
+    Cached (it depends on the variance only). int8 halves the cache lines that one image's
+    lookups touch, which matters because decoding the next record evicts the table: noise
+    right after a JPEG decode took 136 us (int16 table) vs 120 us (int8) per 100x100x3 here.
+    """
+    sigma = math.sqrt(variance)
+    reach = int(math.ceil(6 * sigma)) + 1  # P(|n| > 6 sigma) = 2e-9: rounds to no entry
+    edges = np.array([0.5 * (1 + math.erf((k + 0.5) / (sigma * math.sqrt(2))))
+                      for k in range(-reach - 1, reach + 1)])
+    counts = np.diff(np.rint(edges * 2**NOISE_LEVELS).astype(np.int64))
+    dtype = np.int8 if reach <= 127 else np.int16
+    table = np.repeat(np.arange(-reach, reach + 1, dtype=dtype), counts)
+    assert table.size == 2**NOISE_LEVELS, table.size
+    table.flags.writeable = False
+    return table
+
+
+def uniform_uint16(rng: np.random.Generator, size: int) -> np.ndarray:
+    """size uniform uint16 values from rng's raw 64-bit output (4 per draw, little-endian)."""
+    raw = rng.bit_generator.random_raw((size + 3) // 4)
+    return raw.astype("<u8", copy=False).view("<u2")[:size]
 
 
 def add_gaussian_noise(image: np.ndarray, rng: np.random.Generator,
@@ -43,12 +83,18 @@ def add_gaussian_noise(image: np.ndarray, rng: np.random.Generator,
     The released code (SCN-style image_utils) converts with astype(uint8), which truncates
     and darkens noised images by 0.5 grey levels on average; we round to the nearest level
     instead (unbiased), a deliberate, documented difference.
+
+    Pixels are integers, so rint(clip(x + n)) == clip(x + rint(n)) (except on exact .5 ties,
+    probability 0): we draw k = rint(n) directly from the discretised Gaussian by an
+    inverse-CDF lookup with uniform 16-bit indices (`rounded_gaussian_table`). Probabilities
+    are thus exact to 2**-16 and |k| > 24 (P 7.7e-6 for variance 30) never occurs: a second
+    deliberate difference, 3-4x cheaper than float32 normals (100x100x3 here: 77 vs 359 us
+    warm, 120 vs 394 us right after a JPEG decode; process time under load).
     """
-    # float32 draws: about 3x faster than rng.normal's float64, the costliest host step.
-    noisy = rng.standard_normal(image.shape, dtype=np.float32)
-    noisy *= math.sqrt(variance)
-    noisy += image
-    return np.rint(np.clip(noisy, 0.0, 255.0, out=noisy), out=noisy).astype(np.uint8)
+    table = rounded_gaussian_table(float(variance))
+    noise = table.take(uniform_uint16(rng, image.size)).reshape(image.shape)
+    noisy = np.add(image, noise, dtype=np.int16)
+    return np.clip(noisy, 0, 255, out=noisy).astype(np.uint8)
 
 
 def flip_or_noise(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -17,6 +17,7 @@ import pytest
 
 # Compilations shorter than this are not worth a disk write (most small jits are).
 _CACHE_MIN_COMPILE_SECONDS = 0.2
+_SHARED_CACHE_VARIABLE = "ARM_JAX_TEST_JAX_CACHE_DIR"
 
 
 def pytest_addoption(parser):
@@ -37,10 +38,14 @@ def pytest_configure(config):
     """
     import jax
 
-    directory = config.getoption("--jax-cache-dir")
+    # Under pytest-xdist the controller configures first and its workers inherit its
+    # environment: they share its cache, so a program one worker compiled (the same model
+    # sizes recur across test files) is loaded, not compiled again, by the other.
+    directory = config.getoption("--jax-cache-dir") or os.environ.get(_SHARED_CACHE_VARIABLE)
     if directory is None:
         directory = tempfile.mkdtemp(prefix="arm-jax-test-jax-cache-")
         config._arm_jax_cache_to_remove = directory
+        os.environ[_SHARED_CACHE_VARIABLE] = directory
     os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = str(_CACHE_MIN_COMPILE_SECONDS)
     jax.config.update("jax_compilation_cache_dir", directory)

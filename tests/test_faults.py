@@ -23,10 +23,13 @@ from arm_jax.training.loop import train
 from arm_jax.training.workdir_lock import workdir_lock
 
 REPO = Path(__file__).resolve().parents[1]
-# 48 px (the smallest the ARM head takes), 48 records / 8 = 6 steps per epoch, 2 epochs.
+# 48 px, 48 records / 8 = 6 steps per epoch, 2 epochs. No worker processes: they cost ~10 s per
+# launch here (grain's start-up, for training and for validation, on 2 cores), and a mid-epoch
+# resume needs the interrupted run's count. A run with workers is SIGKILLed and relaunched in
+# tests/test_distributed.py.
 TINY = dict(dataset="synthetic", image_size=48, batch_size=8, eval_batch_size=16,
             max_train_examples=48, max_eval_examples=16, epochs=2, parallel="none",
-            checkpoint_every_steps=1, quiet=True)
+            checkpoint_every_steps=1, worker_count=0, quiet=True)
 STEPS = 12
 
 
@@ -34,7 +37,7 @@ def _cli_args(workdir, **overrides) -> list[str]:
     args = [sys.executable, "-m", "cli.train", "--workdir", str(workdir), "--quiet"]
     for key, value in {**TINY, **overrides}.items():
         if key != "quiet":
-            flag = {"checkpoint_every_steps": "checkpoint-every"}.get(key, key)
+            flag = {"checkpoint_every_steps": "checkpoint-every", "worker_count": "workers"}.get(key, key)
             args += [f"--{flag.replace('_', '-')}", str(value)]
     return args
 
@@ -67,22 +70,31 @@ def _names(workdir, kind="latest") -> frozenset:
     return frozenset(p.name for p in directory.iterdir()) if directory.is_dir() else frozenset()
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """An uninterrupted run through the CLI: its final variables."""
-    workdir = tmp_path_factory.mktemp("reference")
-    done = subprocess.run(_cli_args(workdir), cwd=REPO, env=_env(), capture_output=True,
+def _uninterrupted(workdir, steps: int, **overrides):
+    """An uninterrupted run through the CLI: (workdir, its final variables)."""
+    done = subprocess.run(_cli_args(workdir, **overrides), cwd=REPO, env=_env(), capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.splitlines()[-1])["step"] == STEPS
+    assert json.loads(done.stdout.splitlines()[-1])["step"] == steps
     return workdir, _variables(workdir)
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return _uninterrupted(tmp_path_factory.mktemp("reference"), STEPS)
+
+
+# The SIGKILL run: 72 records, 18 steps. A kill after a save waits up to KILL_DELAY_S, in which
+# a step and its save (~1 s here) may finish: 10 kills must not reach the end of the run first.
+KILL_RUN, KILL_STEPS, KILL_DELAY_S = dict(max_train_examples=72), 18, 1.0
+
+
 @pytest.mark.slow
-def test_sigkill_at_10_random_moments_resumes_bitwise(tmp_path, reference):
+def test_sigkill_at_10_random_moments_resumes_bitwise(tmp_path):
     """10 SIGKILLs, half the moment a checkpoint write starts, half at a random time after a
     step was saved; every relaunch resumes from the newest finished checkpoint, loses at most
     the one in flight, and the finished run equals the uninterrupted one bit for bit."""
+    reference = _uninterrupted(tmp_path / "reference", KILL_STEPS, **KILL_RUN)
     rng = random.Random(10)
     kills = []
     newest = 0  # newest finished checkpoint so far
@@ -90,13 +102,13 @@ def test_sigkill_at_10_random_moments_resumes_bitwise(tmp_path, reference):
         log_path = tmp_path / f"launch{launch}.log"
         stale = _names(tmp_path / "run")  # temporary directories of killed saves stay behind
         with open(log_path, "w") as log:
-            proc = subprocess.Popen(_cli_args(tmp_path / "run"), cwd=REPO, env=_env(),
+            proc = subprocess.Popen(_cli_args(tmp_path / "run", **KILL_RUN), cwd=REPO, env=_env(),
                                     stdout=log, stderr=subprocess.STDOUT)
         if len(kills) == 10:
             assert proc.wait(timeout=600) == 0, log_path.read_text()[-3000:]
             break
         during_save = len(kills) % 2 == 0
-        delay = rng.uniform(0.0, 3.0)
+        delay = rng.uniform(0.0, KILL_DELAY_S)
         deadline = time.monotonic() + 300
         while proc.poll() is None and time.monotonic() < deadline:
             in_flight = _steps(tmp_path / "run", pattern=r"\d+\.orbax-checkpoint-tmp.*", exclude=stale)

@@ -17,13 +17,19 @@ def _relative(got, want) -> float:
     return float(np.linalg.norm(np.asarray(got) - np.asarray(want)) / np.linalg.norm(np.asarray(want)))
 
 
+def _inputs(seed: int, height: int, width: int, kernel_size: int, stride: int, padding: int):
+    """float64 input (2, H, W, 3), kernel (k, k, 3, 4) and an output gradient; call under enable_x64."""
+    keys = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(keys[0], (2, height, width, 3), jnp.float64)
+    kernel = jax.random.normal(keys[1], (kernel_size, kernel_size, 3, 4), jnp.float64)
+    grad = jax.random.normal(keys[2], plain_conv(x, kernel, stride, padding).shape, jnp.float64)
+    return x, kernel, grad
+
+
 @pytest.mark.parametrize(("height", "width", "kernel_size", "stride", "padding"), CASES)
 def test_custom_gradients_equal_plain_conv_gradients(height, width, kernel_size, stride, padding):
     with jax.enable_x64(True):
-        keys = jax.random.split(jax.random.key(height * 31 + kernel_size), 3)
-        x = jax.random.normal(keys[0], (2, height, width, 3), jnp.float64)
-        kernel = jax.random.normal(keys[1], (kernel_size, kernel_size, 3, 4), jnp.float64)
-        grad = jax.random.normal(keys[2], plain_conv(x, kernel, stride, padding).shape, jnp.float64)
+        x, kernel, grad = _inputs(height * 31 + kernel_size, height, width, kernel_size, stride, padding)
 
         @jax.jit  # one compilation per case: op-by-op dispatch of the float64 graph is slow
         def both(x, kernel, grad):
@@ -39,7 +45,6 @@ def test_custom_gradients_equal_plain_conv_gradients(height, width, kernel_size,
         assert _relative(polyphase, want_x) <= 1e-9
 
 
-
 # ResNet-18's float64 shapes: conv1 (7x7/2 pad 3), 3x3/1 and /2 pad 1, the 1x1/2 projection;
 # odd and even sides.
 TAP_CASES = [(11, 10, 7, 2, 3), (5, 5, 3, 1, 1), (9, 8, 3, 2, 1), (9, 8, 1, 2, 0)]
@@ -48,10 +53,7 @@ TAP_CASES = [(11, 10, 7, 2, 3), (5, 5, 3, 1, 1), (9, 8, 3, 2, 1), (9, 8, 1, 2, 0
 @pytest.mark.parametrize(("height", "width", "kernel_size", "stride", "padding"), TAP_CASES)
 def test_tap_matmul_conv_and_its_gradients_equal_the_plain_conv(height, width, kernel_size, stride, padding):
     with jax.enable_x64(True):
-        keys = jax.random.split(jax.random.key(height * 17 + kernel_size), 3)
-        x = jax.random.normal(keys[0], (2, height, width, 3), jnp.float64)
-        kernel = jax.random.normal(keys[1], (kernel_size, kernel_size, 3, 4), jnp.float64)
-        grad = jax.random.normal(keys[2], plain_conv(x, kernel, stride, padding).shape, jnp.float64)
+        x, kernel, grad = _inputs(height * 17 + kernel_size, height, width, kernel_size, stride, padding)
 
         @jax.jit
         def both(x, kernel, grad):

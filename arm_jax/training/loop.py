@@ -161,14 +161,21 @@ def _setup(config: TrainConfig) -> tuple[Run, TrainState, dict]:
     tx = make_optimizer(config, steps_per_epoch)
     init_key, data_seed, step_key = _keys(config.seed)
     pretrained = None if config.pretrained.lower() == "none" else config.pretrained
-    variables = init_variables(with_runtime(model, dtype=jnp.float32), init_key, pretrained)
-    state = jax.tree.map(np.asarray, TrainState.create(variables, tx))
+    init_model = with_runtime(model, dtype=jnp.float32)
     ckpt = Checkpoints(workdir, keep=config.keep_checkpoints)
     progress = {"epoch": 0, "batches_done": 0, "data_state": None, "data_loader": None, "sums": None,
                 "best_wa": None, "best_epoch": None,
                 "step_key": np.asarray(jax.random.key_data(step_key)).tolist()}
-    restored = ckpt.restore_latest(state)
-    if restored is not None:
+    restored = None
+    if ckpt.latest_step() is not None:
+        # Resuming: the checkpoint holds every value, so the restore target needs only the
+        # state's structure, shapes and dtypes (zeros cost no work: initialising the model and
+        # Adam's state for real took ~4 s of each relaunch).
+        shapes = jax.eval_shape(lambda: TrainState.create(init_variables(init_model, init_key), tx))
+        restored = ckpt.restore_latest(jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), shapes))
+    if restored is None:  # a new run
+        state = jax.tree.map(np.asarray, TrainState.create(init_variables(init_model, init_key, pretrained), tx))
+    else:
         state, progress = restored
         log.info("resuming from %s at epoch %d, batch %d (step %d)", ckpt.root / "latest",
                  progress["epoch"] + 1, progress["batches_done"], int(state.step))

@@ -91,3 +91,65 @@ def test_a_run_loader_state_from_process_0_resumes_process_1_on_its_own_share(mo
     resumed = iter(pipeline.make_run_loader(split, shard_index=1, **options))
     resumed.set_state(mapped.encode())
     _same([next(resumed) for _ in range(5)], [next(iterators[1]) for _ in range(5)])
+
+
+_OPEN_A_LOADER_AND_WAIT = """
+import sys, time
+from arm_jax.data.pipeline import make_run_loader
+from arm_jax.data.synthetic import SyntheticSplit
+batches = iter(make_run_loader(SyntheticSplit("train", size=64), batch_size=8, seed=0, first_epoch=0,
+                               last_epoch=3, image_size=64, worker_count=2))
+next(batches)
+print("serving", flush=True)
+time.sleep(600)
+"""
+
+
+def _children(pid: int) -> set[int]:
+    """The pids whose parent is `pid` (from /proc)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # not a process, or it ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads processes from /proc (Linux)")
+def test_worker_processes_end_when_their_training_process_is_killed():
+    """SIGKILL cannot be caught, so grain cannot stop its workers; they must notice by themselves
+    (they used to live on, idle, ~220 MB each)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    proc = subprocess.Popen([sys.executable, "-c", _OPEN_A_LOADER_AND_WAIT], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert proc.stdout.readline().strip() == "serving"
+        workers = _children(proc.pid)
+        assert len(workers) >= 2, workers  # grain's 2 workers (and multiprocessing's resource tracker)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in workers if _alive(pid)]
+    for pid in left:  # do not leave them to the rest of the suite
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"{len(left)} of {len(workers)} child processes outlived the killed loader"

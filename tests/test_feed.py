@@ -7,19 +7,39 @@ import time
 
 import pytest
 
+from arm_jax.data.pipeline import make_eval_run_loader
 from arm_jax.training.feed import Prefetch, ValidationBatches
 from tests.test_pipeline import TinySplit, _loader, _same
+
+
+def _validation(split, passes: int, batch_size: int = 8, worker_count: int = 0) -> ValidationBatches:
+    return ValidationBatches(lambda: make_eval_run_loader(split, passes=passes, batch_size=batch_size, seed=4,
+                                                          image_size=16, shuffle_eval=True, worker_count=worker_count),
+                             records=len(split), batch_size=batch_size)
 
 
 def test_prefetched_validation_batches_equal_the_loader_read_afterwards():
     split = TinySplit(n=45)  # 45 / 8: five full batches and a partial one
     expected = list(_loader(split, train=False, shuffle_eval=True, seed=4))
-    validation = ValidationBatches(lambda: _loader(split, train=False, shuffle_eval=True, seed=4))
-    for epoch in range(2):  # prepared early, then read; a second epoch prefetches afresh
+    validation = _validation(split, passes=3)
+    for epoch in range(2):  # prepared early, then read; the next epoch prefetches afresh
         validation.prepare()
         time.sleep(0.2)
         _same(list(validation.batches()), expected)
     _same(list(validation.batches()), expected)  # without prepare(): read on demand
+    validation.close()
+
+
+def test_a_validation_pass_stopped_midway_leaves_the_next_pass_whole():
+    split = TinySplit(n=45)
+    expected = list(_loader(split, train=False, shuffle_eval=True, seed=4))
+    validation = _validation(split, passes=2)
+    partial = validation.batches()
+    _same([next(partial), next(partial)], expected[:2])
+    partial.close()  # e.g. a failed evaluation step: the loader stands mid-pass
+    _same(list(validation.batches()), expected)
+    _same(list(validation.batches()), expected)  # a fresh loader: its passes start over
+    validation.close()
 
 
 def test_an_error_in_the_prefetch_thread_is_raised_to_the_reader():

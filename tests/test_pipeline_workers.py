@@ -63,6 +63,31 @@ def test_run_loader_starts_workers_once_and_equals_per_epoch_loaders():
         next(iterator)
 
 
+@pytest.mark.slow  # fast tier: grain worker processes over several passes
+def test_validation_workers_start_once_and_serve_every_pass_as_a_per_epoch_loader():
+    """Three validation passes with 2 workers: each pass equals the per-epoch evaluation loader
+    (without workers), and the same worker processes serve all three."""
+    import multiprocessing
+
+    from arm_jax.data.pipeline import make_eval_run_loader
+    from arm_jax.training.feed import ValidationBatches
+    from tests.test_pipeline import TinySplit, _loader, _same
+
+    # 45 / 10: 5 batches per pass, the last of 5 records; an odd count, so pass 2 starts on the other worker.
+    split = TinySplit(n=45)
+    expected = list(_loader(split, train=False, batch_size=10, shuffle_eval=True, seed=4))
+    validation = ValidationBatches(lambda: make_eval_run_loader(split, passes=3, batch_size=10, seed=4, image_size=16,
+                                                                shuffle_eval=True, worker_count=2),
+                                   records=45, batch_size=10)
+    pids = []
+    for _ in range(3):
+        validation.prepare()
+        _same(list(validation.batches()), expected)
+        pids.append(sorted(child.pid for child in multiprocessing.active_children()))
+    validation.close()
+    assert len(pids[0]) >= 2 and pids[0] == pids[1] == pids[2], pids
+
+
 def test_a_run_loader_state_from_process_0_resumes_process_1_on_its_own_share(monkeypatch):
     """Checkpoints hold process 0's grain state; training/distributed maps it onto another shard.
     With run loaders (2 shards, 2 workers, 9 batches: into the second epoch) the mapped state
@@ -127,6 +152,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow  # fast tier: starts grain worker processes
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads processes from /proc (Linux)")
 def test_worker_processes_end_when_their_training_process_is_killed():
     """SIGKILL cannot be caught, so grain cannot stop its workers; they must notice by themselves

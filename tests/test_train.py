@@ -233,12 +233,15 @@ def test_workers_start_once_per_launch_and_a_mid_epoch_resume_is_exact(tmp_path,
             stop.request(signal.SIGTERM)
 
     assert train(config, after_step=record_and_stop_at_step_8)["step"] == 8
-    # Step 1 sees only the training workers; validation's start 3 steps before the epoch ends and
-    # may linger while they shut down. Epoch 2 runs on epoch 1's workers, with no new process.
-    # (A worker exits once it has prepared its last batch of the run, so later steps may see one.)
+    # Step 1 sees only the training workers; validation's start 3 steps before epoch 1 ends and
+    # stay for the launch. Epoch 2 runs on epoch 1's workers, training's and validation's, with no
+    # new process. (A worker exits once it has prepared its last batch of the run, so later steps
+    # may see one fewer.)
     training_workers = children[1]
     validation_workers = set().union(*(children[step] for step in range(1, 7))) - training_workers
-    assert training_workers and set() < children[7] - validation_workers <= training_workers
+    assert training_workers and validation_workers
+    assert set() < children[7] - validation_workers <= training_workers
+    assert children[8] <= training_workers | validation_workers
     with pytest.raises(UserError, match="--workers of the interrupted run"):
         train(config.replace(worker_count=1))
     assert train(config)["step"] == 12

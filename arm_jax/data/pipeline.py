@@ -174,6 +174,20 @@ class EvalRecord(grain.transforms.Map):
                 "erase": transforms.NO_ERASE.copy()}
 
 
+class EvalRecordOrPad(EvalRecord):
+    """EvalRecord, and for the sampler's padding a blank record of label -1 that keeps batches
+    aligned with passes (`make_eval_run_loader`; the reader cuts it off)."""
+
+    def map(self, element: dict[str, Any]) -> dict[str, Any]:
+        if "image" in element:
+            return super().map(element)
+        return {"image": np.zeros(self.stage.shape, np.uint8), "label": np.int32(PAD_LABEL),
+                "erase": transforms.NO_ERASE.copy()}
+
+
+PAD_LABEL = -1  # the label of EvalRecordOrPad's blank records
+
+
 class _PaddedSource:
     """The split plus one padding record; a repr grain can compare across processes.
 
@@ -364,3 +378,62 @@ def make_run_loader(split, *, batch_size: int, seed: int, first_epoch: int, last
         worker_count=worker_count, worker_buffer_size=worker_buffer_size,
         read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * read_threads),
         shard_options=grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=True))
+
+
+class EvalRunSampler:
+    """grain sampler over `passes` evaluation passes of one split in one stream, so workers start once.
+
+    A pass is ceil(N / batch_size) batches of the epoch order, the last one padded (PAD) to
+    full size. Global batch g goes to worker g % workers, as in RunSampler, so grain's
+    round-robin yields the passes' batches in order for any worker count.
+    """
+
+    def __init__(self, order: np.ndarray, *, name: str, passes: int, batch_size: int, worker_count: int):
+        self._order, self._name = np.asarray(order), name
+        self._passes, self._b, self._workers = int(passes), int(batch_size), max(int(worker_count), 1)
+        self.batches_per_pass = -(-len(self._order) // self._b)
+        self._batches = self.batches_per_pass * self._passes
+
+    def __len__(self) -> int:
+        return -(-self._batches // self._workers) * self._workers * self._b
+
+    def __repr__(self) -> str:
+        return (f"EvalRunSampler(split={self._name!r}, records={len(self._order)}, passes={self._passes}, "
+                f"batch_size={self._b}, worker_count={self._workers})")
+
+    def __getitem__(self, index: int) -> grain.RecordMetadata:
+        worker, k = index % self._workers, index // self._workers
+        round_, offset = divmod(k, self._b)
+        batch = round_ * self._workers + worker
+        position = (batch % self.batches_per_pass) * self._b + offset
+        if batch >= self._batches or position >= len(self._order):
+            return grain.RecordMetadata(index=index, record_key=sampling.PAD, rng=None)
+        return grain.RecordMetadata(index=index, record_key=int(self._order[position]), rng=None)
+
+
+def make_eval_run_loader(split, *, passes: int, batch_size: int, seed: int, image_size: int,
+                         shuffle_eval: bool = False, worker_count: int = 0,
+                         resize_on: str = "device", staging_size: int | None = None,
+                         worker_buffer_size: int = 2, read_threads: int = 0) -> grain.DataLoader:
+    """`passes` evaluation passes over `split` from ONE DataLoader (workers start once).
+
+    Each pass is the batches `make_loader(train=False, epoch=0)` yields, in order, except that
+    its last batch is padded to batch_size with records of label PAD_LABEL at the end; the
+    reader cuts them off (training.feed.ValidationBatches). Every process reads the whole split.
+    """
+    _check_options(batch_size=batch_size, sampler="shuffle", image_size=image_size,
+                   resize_on=resize_on, worker_count=worker_count)
+    if len(split) == 0:
+        raise UserError(f"{_name(split)}: the split has no records")
+    order = epoch_order(split, sampler="shuffle", train=False, seed=seed, epoch=0, shuffle_eval=shuffle_eval)
+    run_sampler = EvalRunSampler(order, name=_name(split), passes=passes, batch_size=batch_size,
+                                 worker_count=worker_count)
+    stage = StageImage(_staging_shape(split, image_size, staging_size, resize_on))
+    operations = [EvalRecordOrPad(stage), grain.transforms.Batch(batch_size=batch_size, drop_remainder=True)]
+    if worker_count > 0:
+        absl.flags.FLAGS.mark_as_parsed()  # as in make_loader
+    return grain.DataLoader(
+        data_source=_PaddedSource(split), sampler=run_sampler, operations=operations,
+        worker_count=worker_count, worker_buffer_size=worker_buffer_size,
+        read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * read_threads),
+        shard_options=grain.sharding.ShardOptions(0, 1, drop_remainder=True))

@@ -88,18 +88,25 @@ class TrainBatches:
 
 
 class ValidationBatches:
-    """Validation batches, read in a background thread from `prepare()` (a few training steps
-    before the epoch ends) until `batches()` has served them, so the device does not wait
-    for the first ones; the same batches as reading `open_loader()` afterwards."""
+    """The validation batches of every epoch of a launch, from one run-long loader
+    (`pipeline.make_eval_run_loader`: its worker processes start once per launch, not per epoch),
+    read in a background thread from `prepare()` (a few training steps before the epoch ends)
+    until `batches()` has served them, so the device does not wait for the first ones.
+
+    Each epoch's batches equal `make_loader(train=False, epoch=0)`'s: the run loader pads a
+    pass's last batch to full size, and its padding rows are cut off here.
+    """
 
     LEAD_STEPS = 3  # prepare this many training steps before the epoch ends
 
-    def __init__(self, open_loader):
-        self._open_loader, self._prefetch = open_loader, None
+    def __init__(self, open_loader, *, records: int, batch_size: int):
+        self._open_loader, self._records, self._batch_size = open_loader, int(records), int(batch_size)
+        self._iterator, self._prefetch = None, None
+        self._between_passes = True  # the iterator's next batch starts a pass
 
     def prepare(self) -> None:
         if self._prefetch is None:
-            self._prefetch = Prefetch(self._open_loader)
+            self._prefetch = Prefetch(self._one_pass)
 
     def batches(self):
         """This epoch's validation batches (prefetched if `prepare` was called)."""
@@ -109,12 +116,40 @@ class ValidationBatches:
             yield from prefetch
         finally:
             prefetch.close()
+            if not self._between_passes:  # stopped mid-pass: the next pass needs a fresh loader
+                self._close_iterator()
 
     def close(self) -> None:
-        """Stop a prefetch that was prepared but not read (a stop near an epoch's end)."""
+        """Stop a prefetch that was prepared but not read (a stop near an epoch's end), and the
+        loader's worker processes."""
         if self._prefetch is not None:
             self._prefetch.close()
             self._prefetch = None
+        self._close_iterator()
+
+    def _one_pass(self):
+        if self._iterator is None:
+            self._iterator = iter(self._open_loader())
+        self._between_passes = False
+        for start in range(0, self._records, self._batch_size):
+            try:
+                batch = next(self._iterator)
+            except StopIteration:  # its passes are used up (a pass read, then abandoned): a new loader
+                if start:
+                    raise RuntimeError(f"the validation loader ended at record {start} of a pass") from None
+                self._close_iterator()
+                self._iterator = iter(self._open_loader())
+                self._between_passes = False
+                batch = next(self._iterator)
+            rows = min(self._batch_size, self._records - start)
+            if (batch["label"][:rows] < 0).any() or (batch["label"][rows:] >= 0).any():
+                raise RuntimeError(f"validation batch at record {start}: padding is not where the layout puts it")
+            yield {key: value[:rows] for key, value in batch.items()}
+        self._between_passes = True
+
+    def _close_iterator(self) -> None:
+        _close(self._iterator)
+        self._iterator, self._between_passes = None, True
 
 
 class Prefetch:

@@ -212,6 +212,17 @@ def _val_loader(run: Run):
                        shard_index=0, shard_count=1)
 
 
+def _val_run_loader(run: Run, passes: int):
+    """`_val_loader`'s batches for `passes` epochs from one loader, whose workers start once
+    (its passes' last batches padded: feed.ValidationBatches cuts the padding off)."""
+    from arm_jax.data.pipeline import make_eval_run_loader
+
+    c = run.config
+    return make_eval_run_loader(run.val_split, passes=passes, batch_size=c.eval_batch_size, seed=run.data_seed,
+                                image_size=c.image_size, shuffle_eval=c.gar_mode == "batch",
+                                worker_count=c.worker_count)
+
+
 def validate(run: Run, state, batches=None) -> dict:
     """WA, UA, per-class accuracy and loss over the validation split (`batches`: its batches,
     e.g. prefetched; default: read now)."""
@@ -370,7 +381,9 @@ def _train(config: TrainConfig, after_step, timings) -> dict:
     batches = TrainBatches(run.train_split, config, batch_size=run.local_batch, seed=run.data_seed,
                            steps_per_epoch=run.steps_per_epoch)
     batches.resume(progress)
-    validation = ValidationBatches(lambda: _val_loader(run))
+    # Opened when first needed (near the end of this launch's first epoch), for the epochs left then.
+    validation = ValidationBatches(lambda: _val_run_loader(run, passes=config.epochs - progress["epoch"]),
+                                   records=len(run.val_split), batch_size=config.eval_batch_size)
     last = {}
     with StopRequest(after_step) as stop:
         try:

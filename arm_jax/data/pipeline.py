@@ -371,10 +371,18 @@ def make_run_loader(split, *, batch_size: int, seed: int, first_epoch: int, last
     stage = StageImage(_staging_shape(split, image_size, staging_size, resize_on))
     operations = [DropPadding(), TrainAugment(stage, image_size),
                   grain.transforms.Batch(batch_size=batch_size, drop_remainder=True)]
+    return _run_data_loader(split, run_sampler, operations, shard_index=shard_index, shard_count=shard_count,
+                            worker_count=worker_count, worker_buffer_size=worker_buffer_size,
+                            read_threads=read_threads)
+
+
+def _run_data_loader(split, sampler, operations, *, shard_index: int, shard_count: int, worker_count: int,
+                     worker_buffer_size: int, read_threads: int) -> grain.DataLoader:
+    """The DataLoader of a run-long loader (whole batches only: the samplers pad)."""
     if worker_count > 0:
         absl.flags.FLAGS.mark_as_parsed()  # as in make_loader
     return grain.DataLoader(
-        data_source=_PaddedSource(split), sampler=run_sampler, operations=operations,
+        data_source=_PaddedSource(split), sampler=sampler, operations=operations,
         worker_count=worker_count, worker_buffer_size=worker_buffer_size,
         read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * read_threads),
         shard_options=grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=True))
@@ -430,10 +438,6 @@ def make_eval_run_loader(split, *, passes: int, batch_size: int, seed: int, imag
                                  worker_count=worker_count)
     stage = StageImage(_staging_shape(split, image_size, staging_size, resize_on))
     operations = [EvalRecordOrPad(stage), grain.transforms.Batch(batch_size=batch_size, drop_remainder=True)]
-    if worker_count > 0:
-        absl.flags.FLAGS.mark_as_parsed()  # as in make_loader
-    return grain.DataLoader(
-        data_source=_PaddedSource(split), sampler=run_sampler, operations=operations,
-        worker_count=worker_count, worker_buffer_size=worker_buffer_size,
-        read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * read_threads),
-        shard_options=grain.sharding.ShardOptions(0, 1, drop_remainder=True))
+    return _run_data_loader(split, run_sampler, operations, shard_index=0, shard_count=1,
+                            worker_count=worker_count, worker_buffer_size=worker_buffer_size,
+                            read_threads=read_threads)

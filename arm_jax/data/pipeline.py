@@ -300,6 +300,15 @@ class _Labels:
         return int(self.labels.size)
 
 
+def _batch_of_slot(slot: int, *, workers: int, batch_size: int) -> tuple[int, int]:
+    """(global batch, row in it) of a run sampler's slot: worker w's k-th record is row k % b of
+    its batch k // b, the run's batch (k // b) * workers + w, so grain's round-robin over workers
+    yields the batches in order."""
+    worker, k = slot % workers, slot // workers
+    round_, offset = divmod(k, batch_size)
+    return round_ * workers + worker, offset
+
+
 class RunSampler:
     """grain sampler over training epochs [first_epoch, last_epoch) in one stream, so workers start once.
 
@@ -329,9 +338,7 @@ class RunSampler:
 
     def __getitem__(self, index: int) -> grain.RecordMetadata:
         shard, slot = index % self._shards, index // self._shards
-        worker, k = slot % self._workers, slot // self._workers
-        round_, offset = divmod(k, self._b)
-        batch = round_ * self._workers + worker
+        batch, offset = _batch_of_slot(slot, workers=self._workers, batch_size=self._b)
         if batch >= self._batches:
             return grain.RecordMetadata(index=index, record_key=sampling.PAD, rng=None)
         epoch, step = self._first + batch // self._steps, batch % self._steps
@@ -399,8 +406,8 @@ class EvalRunSampler:
     def __init__(self, order: np.ndarray, *, name: str, passes: int, batch_size: int, worker_count: int):
         self._order, self._name = np.asarray(order), name
         self._passes, self._b, self._workers = int(passes), int(batch_size), max(int(worker_count), 1)
-        self.batches_per_pass = -(-len(self._order) // self._b)
-        self._batches = self.batches_per_pass * self._passes
+        self._batches_per_pass = -(-len(self._order) // self._b)
+        self._batches = self._batches_per_pass * self._passes
 
     def __len__(self) -> int:
         return -(-self._batches // self._workers) * self._workers * self._b
@@ -410,10 +417,8 @@ class EvalRunSampler:
                 f"batch_size={self._b}, worker_count={self._workers})")
 
     def __getitem__(self, index: int) -> grain.RecordMetadata:
-        worker, k = index % self._workers, index // self._workers
-        round_, offset = divmod(k, self._b)
-        batch = round_ * self._workers + worker
-        position = (batch % self.batches_per_pass) * self._b + offset
+        batch, offset = _batch_of_slot(index, workers=self._workers, batch_size=self._b)
+        position = (batch % self._batches_per_pass) * self._b + offset
         if batch >= self._batches or position >= len(self._order):
             return grain.RecordMetadata(index=index, record_key=sampling.PAD, rng=None)
         return grain.RecordMetadata(index=index, record_key=int(self._order[position]), rng=None)

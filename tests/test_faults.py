@@ -232,9 +232,12 @@ def test_disk_full_during_a_save_is_a_clear_error_and_resumes_elsewhere(tmp_path
     done = subprocess.run(["unshare", "-Urm", "sh", "-c", script], env=_env(),
                           capture_output=True, text=True, timeout=600)
     assert "rc=2" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
-    error = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    # Not anchored to a line's start: tensorstore threads may still be printing "Event loop is
+    # closed" tracebacks (from writes that failed after orbax's loop ended) as the error goes out.
+    error = re.findall(r"(?<![A-Za-z])Error: (.*)", done.stderr)  # not RuntimeError: ...
     assert len(error) == 1 and "no space left on the device" in error[0], done.stderr[-3000:]
-    assert re.search(rf"{mount}/run/checkpoints/latest/\d+: no space", error[0])
+    assert error[0].startswith(f"{mount}/run/checkpoints/latest/2: no space")  # the save that failed
+    assert "ERROR:absl" not in done.stderr  # orbax's own reports of it (~300 lines) are dropped
     copied = tmp_path / "copied"
     assert _steps(copied) == [1]
     assert "older checkpoints (steps 1) are intact" in error[0]

@@ -77,7 +77,10 @@ class Checkpoints:
         items = {name: ocp.args.StandardSave(tree) for name, tree in _split(host_state).items()}
         items["progress"] = ocp.args.JsonSave(progress)
         items["model"] = ocp.args.JsonSave(model_info)
-        try:  # a save also finishes the previous one, whose error surfaces here
+        # orbax's save first finishes the previous one; finishing it here, apart, lets a failed
+        # write be reported under its own step rather than this one.
+        self._wait_for(kind)
+        try:
             manager.save(step, args=ocp.args.Composite(**items))
         except Exception as err:
             self._raise_if_no_space(err, kind, step)
@@ -143,12 +146,16 @@ class Checkpoints:
 
     def wait(self) -> None:
         """Block until asynchronous saves are on disk."""
-        for kind, manager in (("latest", self.latest), ("best", self.best)):
-            try:
-                manager.wait_until_finished()
-            except Exception as err:
-                self._raise_if_no_space(err, kind, self._writing.get(kind))
-                raise
+        for kind in KINDS:
+            self._wait_for(kind)
+
+    def _wait_for(self, kind: str) -> None:
+        manager = self.latest if kind == "latest" else self.best
+        try:
+            manager.wait_until_finished()
+        except Exception as err:
+            self._raise_if_no_space(err, kind, self._writing.get(kind))
+            raise
 
     def close(self) -> None:
         self.latest.close()
@@ -177,6 +184,18 @@ def _is_no_space(err: BaseException | None) -> bool:
             return True
         err = err.__cause__ or err.__context__
     return False
+
+
+class _NoSpaceReportedOnce(logging.Filter):
+    """Drops orbax's ERROR records (each with a traceback, ~300 lines in all) for a write that
+    found no room: `Checkpoints` raises that failure once, as a UserError naming the step."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (_is_no_space(error) or any(text in record.getMessage() for text in _NO_SPACE_TEXT))
+
+
+logging.getLogger("absl").addFilter(_NoSpaceReportedOnce())
 
 
 def _describe(err: BaseException) -> str:

@@ -1,0 +1,47 @@
+"""Max pooling with the custom gradient equals flax.linen.max_pool and its jax.grad (float64),
+ties included: the gradient goes to the same element of each window."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from arm_jax.models.pooling import max_pool
+
+# (height, width, window, stride, padding): the stem's 3x3/2 pad 1 at odd and even sides,
+# overlapping stride-1 windows, and windows that do not overlap.
+CASES = [(9, 8, 3, 2, 1), (10, 11, 3, 1, 1), (8, 7, 2, 2, 0)]
+INPUTS = {
+    "random": lambda x: x,
+    "relu": jax.nn.relu,             # windows of zeros: ties, as after the stem's ReLU
+    "constant": lambda x: 0 * x + 1,  # every element of every window ties
+}
+
+
+def _relative(got, want) -> float:
+    return float(np.linalg.norm(np.asarray(got) - np.asarray(want)) / np.linalg.norm(np.asarray(want)))
+
+
+@pytest.mark.parametrize("kind", sorted(INPUTS))
+@pytest.mark.parametrize(("height", "width", "window", "stride", "padding"), CASES)
+def test_max_pool_and_its_gradient_equal_flax_max_pool(height, width, window, stride, padding, kind):
+    with jax.enable_x64(True):
+        keys = jax.random.split(jax.random.key(height * 7 + window + stride), 2)
+        x = INPUTS[kind](jax.random.normal(keys[0], (2, height, width, 3), jnp.float64))
+
+        def flax_pool(x):
+            return nn.max_pool(x, (window, window), strides=(stride, stride),
+                               padding=((padding, padding), (padding, padding)))
+
+        @jax.jit
+        def both(x):
+            want, want_vjp = jax.vjp(flax_pool, x)
+            got, got_vjp = jax.vjp(lambda x: max_pool(x, window, stride, padding), x)
+            grad = jax.random.normal(keys[1], want.shape, jnp.float64)
+            return want, got, want_vjp(grad)[0], got_vjp(grad)[0]
+
+        want, got, want_grad, got_grad = both(x)
+        np.testing.assert_array_equal(got, want)
+        assert _relative(got_grad, want_grad) <= 1e-9
+        np.testing.assert_array_equal(got_grad != 0, want_grad != 0)  # the same element of each tie

@@ -192,7 +192,11 @@ class _NoSpaceReportedOnce(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        return not (_is_no_space(error) or any(text in record.getMessage() for text in _NO_SPACE_TEXT))
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 -- a malformed record is the handler's to report, not ours
+            return True
+        return not (_is_no_space(error) or any(text in message for text in _NO_SPACE_TEXT))
 
 
 logging.getLogger("absl").addFilter(_NoSpaceReportedOnce())

@@ -290,13 +290,14 @@ E2E = dict(dataset="synthetic", image_size=96, batch_size=32, eval_batch_size=64
 E2E_MIN_ACCURACY = 0.4  # chance is 1/7
 # After 2 epochs the running GAR is an average over the last ~10 noisy batch GARs of a
 # fast-changing model, while calibration averages 2,100 images, so the two differ: measured on the
-# 2-core AMD EPYC 0.59 with YNNPACK convolutions and 0.88 with Eigen's (arm-jax's default since the
-# XLA flag; the same model, another rounding, another training trajectory). The bound asks only
-# that calibration be informative: closer to the training-time GAR than a zero (missing) estimate,
-# whose relative difference is exactly 1 (calibrating with BatchNorm's running statistics instead
-# of batch statistics measured 1.03). What matters to users is the accuracy check below.
+# 2-core AMD EPYC 0.59 with YNNPACK convolutions, 0.88 with Eigen's (arm-jax's default since the
+# XLA flag) and 0.68 with the custom max-pool gradient (the same model, another rounding, another
+# training trajectory). The bound asks only that calibration be informative: closer to the
+# training-time GAR than a zero (missing) estimate, whose relative difference is exactly 1
+# (calibrating with BatchNorm's running statistics instead of batch statistics measured 1.03). What matters to users is the accuracy check below.
 CALIBRATION_TOLERANCE = 1.0
-# val WA with the trained vs the calibrated GAR, measured there: 0.577 vs 0.560, then 0.623 vs 0.589.
+# val WA with the trained vs the calibrated GAR, measured there: 0.577 vs 0.560, then 0.623 vs 0.589,
+# then 0.619 vs 0.596.
 CALIBRATED_ACCURACY_GAP = 0.08
 
 

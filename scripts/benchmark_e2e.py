@@ -26,32 +26,21 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # tests/ (the PyTorch model) from a checkout
+sys.path.insert(0, str(REPO / "scripts"))  # benchmark_model (which adds tests/, the PyTorch model)
 
 
 def torch_images_per_s(variant: str, args) -> float:
-    """Median training images/s of the PyTorch ARM-ResNet-18 ('float32' NCHW or 'float32-cl')."""
-    import torch
+    """Median training images/s of the PyTorch ARM-ResNet-18 ('float32' NCHW or 'float32-cl'):
+    benchmark_model.py's PyTorch step, timed alone (its arm-jax step would share the cores)."""
+    from benchmark_model import torch_runner  # scripts/, beside this file
 
-    from tests.torch_reference import TorchARMResNet18
-
-    torch.manual_seed(0)
-    model = TorchARMResNet18(num_classes=7, image_size=args.image_size)
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
-    if variant == "float32-cl":
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    labels = torch.arange(args.batch_size) % 7
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
-    model.train()
+    step = torch_runner("train", args.batch_size, args.image_size, variant, "cpu")
+    step()  # warm-up
     seconds = []
-    for step in range(args.torch_steps + 1):
+    for _ in range(args.torch_steps):
         started = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), labels).backward()
-        optimizer.step()
-        if step:  # the first is the warm-up
-            seconds.append(time.perf_counter() - started)
+        step()
+        seconds.append(time.perf_counter() - started)
     return args.batch_size / statistics.median(seconds)
 
 

@@ -174,6 +174,9 @@ class EvalRecord(grain.transforms.Map):
                 "erase": transforms.NO_ERASE.copy()}
 
 
+PAD_LABEL = -1  # the label of EvalRecordOrPad's blank records
+
+
 class EvalRecordOrPad(EvalRecord):
     """EvalRecord, and for the sampler's padding a blank record of label -1 that keeps batches
     aligned with passes (`make_eval_run_loader`; the reader cuts it off)."""
@@ -183,9 +186,6 @@ class EvalRecordOrPad(EvalRecord):
             return super().map(element)
         return {"image": np.zeros(self.stage.shape, np.uint8), "label": np.int32(PAD_LABEL),
                 "erase": transforms.NO_ERASE.copy()}
-
-
-PAD_LABEL = -1  # the label of EvalRecordOrPad's blank records
 
 
 class _PaddedSource:

@@ -128,28 +128,34 @@ class ValidationBatches:
         self._close_iterator()
 
     def _one_pass(self):
-        if self._iterator is None:
-            self._iterator = iter(self._open_loader())
         self._between_passes = False
         for start in range(0, self._records, self._batch_size):
-            try:
-                batch = next(self._iterator)
-            except StopIteration:  # its passes are used up (a pass read, then abandoned): a new loader
-                if start:
-                    raise RuntimeError(f"the validation loader ended at record {start} of a pass") from None
-                self._close_iterator()
-                self._iterator = iter(self._open_loader())
-                self._between_passes = False
-                batch = next(self._iterator)
+            batch = self._next_batch(start)
             rows = min(self._batch_size, self._records - start)
             if (batch["label"][:rows] < 0).any() or (batch["label"][rows:] >= 0).any():
                 raise RuntimeError(f"validation batch at record {start}: padding is not where the layout puts it")
             yield {key: value[:rows] for key, value in batch.items()}
         self._between_passes = True
 
+    def _next_batch(self, start: int) -> dict:
+        """The loader's next batch (record `start` of a pass)."""
+        if self._iterator is None:
+            self._reopen()
+        try:
+            return next(self._iterator)
+        except StopIteration:  # its passes are used up (a pass read, then abandoned): a new loader
+            if start:
+                raise RuntimeError(f"the validation loader ended at record {start} of a pass") from None
+        self._reopen()
+        return next(self._iterator)
+
+    def _reopen(self) -> None:
+        self._close_iterator()
+        self._iterator = iter(self._open_loader())
+
     def _close_iterator(self) -> None:
         _close(self._iterator)
-        self._iterator, self._between_passes = None, True
+        self._iterator = None
 
 
 class Prefetch:

@@ -3,7 +3,7 @@
     python scripts/benchmark_model.py                      # CPU: forward + train, 112 and 224 px, batch 32, float32
     python scripts/benchmark_model.py --image-size 224 --batch 32 --modes train --rounds 9
     python scripts/benchmark_model.py --device gpu --batch 256 --image-size 224 --json out.json
-    python scripts/benchmark_model.py --layers --image-size 224   # per conv layer, forward + backward ms
+    python scripts/benchmark_model.py --layers --image-size 224   # per conv layer and the rest, ms
 
 Run from the repository root (the PyTorch model is the one the parity tests
 build, tests/torch_reference.py). Every contender is warmed up, then the steps
@@ -173,8 +173,9 @@ def resnet_convs(size: int) -> list[tuple]:
     return convs
 
 
-def layer_runners(batch: int, conv: tuple, torch_variants: list[str]) -> dict:
-    """Forward + both gradients of one conv: arm-jax's Conv module path against torch.nn.functional.conv2d."""
+def layer_runners(mode: str, batch: int, conv: tuple, torch_variants: list[str]) -> dict:
+    """One conv, arm-jax's Conv module against torch.nn.functional.conv2d: its output alone
+    (mode 'forward', no gradient kept), or output and both gradients (mode 'train')."""
     import torch
 
     from arm_jax.models.resnet import Conv
@@ -187,6 +188,8 @@ def layer_runners(batch: int, conv: tuple, torch_variants: list[str]) -> dict:
 
     @jax.jit
     def step(params, x):
+        if mode == "forward":
+            return module.apply(params, x)
         out, vjp = jax.vjp(lambda p, x: module.apply(p, x), params, x)
         grads = vjp(jnp.ones_like(out))
         return grads[0] if first else grads
@@ -194,32 +197,133 @@ def layer_runners(batch: int, conv: tuple, torch_variants: list[str]) -> dict:
     runners = {"arm-jax float32": lambda: jax.block_until_ready(step(params, x))}
     for variant in torch_variants:
         layout = torch.channels_last if variant.endswith("-cl") else torch.contiguous_format
-        tx = torch.randn(batch, cin, side, side).contiguous(memory_format=layout).requires_grad_(not first)
-        tw = torch.randn(cout, cin, k, k).contiguous(memory_format=layout).requires_grad_(True)
+        train = mode == "train"
+        tx = torch.randn(batch, cin, side, side).contiguous(memory_format=layout).requires_grad_(train and not first)
+        tw = torch.randn(cout, cin, k, k).contiguous(memory_format=layout).requires_grad_(train)
 
-        def run(tx=tx, tw=tw):
-            out = torch.nn.functional.conv2d(tx, tw, stride=stride, padding=pad)
-            out.backward(torch.ones_like(out))
-            tw.grad = tx.grad = None
+        def run(tx=tx, tw=tw, train=train):
+            with torch.set_grad_enabled(train):
+                out = torch.nn.functional.conv2d(tx, tw, stride=stride, padding=pad)
+            if train:
+                out.backward(torch.ones_like(out))
+                tw.grad = tx.grad = None
 
         runners[f"PyTorch {variant}"] = run
     return runners
 
 
+def stage_runners(batch: int, size: int, torch_variants: list[str]) -> dict[str, dict]:
+    """Stage -> contender -> a callable running that stage's forward pass (inference mode) alone.
+
+    arm-jax: each stage of the real model's modules jitted apart, on its own variables, with
+    the output of the stage before it as input (the stem repeats ResNet18Backbone's first
+    four lines); PyTorch: the children of the reference model's `features`.
+    """
+    import torch
+
+    from arm_jax.models.batchnorm import BatchNorm
+    from arm_jax.models.pooling import max_pool
+    from arm_jax.models.resnet import BasicBlock, ResNet18Backbone, conv
+    from tests.torch_reference import TorchARMResNet18
+
+    model = ARMResNet18(num_classes=NUM_CLASSES, image_size=size)
+    variables = init_variables(model, jax.random.key(0))
+
+    def sub(*path):  # the variables of one submodule
+        found = {}
+        for collection in ("params", "batch_stats"):
+            tree = variables[collection]
+            for name in path:
+                tree = tree.get(name, {})
+            if tree:
+                found[collection] = tree
+        return found
+
+    def stem(x):
+        x = conv(64, 7, 2, 3, jnp.float32, jnp.float32, "conv1").apply(sub("backbone", "conv1"), x)
+        x = BatchNorm().apply(sub("backbone", "bn1"), x, train=False)
+        return max_pool(jax.nn.relu(x), 3, 2, 1)
+
+    def stage(index):
+        def run(x):
+            for block in range(2):
+                module = BasicBlock(64 * 2 ** (index - 1), 2 if index > 1 and block == 0 else 1,
+                                    jnp.float32, jnp.float32, None)
+                x = module.apply(sub("backbone", f"layer{index}_{block}"), x, train=False)
+            return x
+        return run
+
+    jax_fns = {"stem (conv1, bn1, relu, max pool)": stem, **{f"layer{i} (2 blocks)": stage(i) for i in range(1, 5)},
+               "backbone (one jit)": lambda x: ResNet18Backbone().apply(sub("backbone"), x, train=False),
+               "whole model (one jit)": lambda x: model.apply(variables, x, train=False)}
+    x = jax.random.normal(jax.random.key(1), (batch, size, size, 3))
+    jax_inputs, y = {}, x
+    for name, fn in list(jax_fns.items())[:5]:
+        jax_inputs[name], y = y, jax.jit(fn)(y)
+    found = {}
+    for name, fn in jax_fns.items():
+        jitted, given = jax.jit(fn), jax_inputs.get(name, x)
+        found[name] = {"arm-jax float32": lambda jitted=jitted, given=given: jax.block_until_ready(jitted(given))}
+    torch.manual_seed(0)
+    for variant in torch_variants:
+        layout = torch.channels_last if variant.endswith("-cl") else torch.contiguous_format
+        net = TorchARMResNet18(num_classes=NUM_CLASSES, image_size=size).eval().to(memory_format=layout)
+        children = list(net.features.children())
+        torch_fns = [torch.nn.Sequential(*children[:4]), *children[4:8], net.features, net]
+        y = torch.randn(batch, 3, size, size).contiguous(memory_format=layout)
+        for index, (name, fn) in enumerate(zip(jax_fns, torch_fns)):
+            given = y if index < 5 else torch.randn(batch, 3, size, size).contiguous(memory_format=layout)
+            with torch.no_grad():
+                if index < 5:
+                    y = fn(y)
+
+            def run(fn=fn, given=given):
+                with torch.no_grad():
+                    fn(given)
+
+            found[name][f"PyTorch {variant}"] = run
+    return found
+
+
+def stage_breakdown(args, size: int, variants: list[str]) -> None:
+    """Per stage of the model, forward pass in inference mode, ms per batch, interleaved."""
+    print(f"per stage, forward (inference mode), ms, {size}x{size}, batch {args.batch} "
+          f"(load {os.getloadavg()[0]:.2f})")
+    rows = {}
+    for name, runners in stage_runners(args.batch, size, variants).items():
+        rows[name] = {n: 1e3 / rate for n, rate in interleaved_rates(runners, 1, args.rounds, args.warmup, 1).items()}
+        print(f"  {name:36s} " + "  ".join(f"{n} {v:7.1f}" for n, v in rows[name].items()))
+    names = list(rows)
+    head = {n: rows[names[-1]][n] - rows[names[-2]][n] for n in rows[names[-1]]}
+    print(f"  {'head (ARM, fc): whole - backbone':36s} " + "  ".join(f"{n} {v:7.1f}" for n, v in head.items()))
+
+
 def layer_breakdown(args) -> None:
-    """Per conv layer of ResNet-18: forward + backward ms, interleaved, and the share of the step."""
+    """Per conv layer of ResNet-18, ms per batch, interleaved; then the whole model, and what
+    it spends outside its convs (BatchNorm, ReLU, residual adds, max pool, ARM, loss, Adam)."""
     variants = [v for _, (framework, v) in contenders(args).items() if framework == "torch"]
+    what = {"forward": "forward (inference mode)", "train": "forward + both gradients"}
     for size in args.image_size:
-        totals: dict[str, float] = {}
-        print(f"per-layer forward+backward ms, {size}x{size}, batch {args.batch} (load {os.getloadavg()[0]:.2f})")
-        for conv in resnet_convs(size):
-            runners = layer_runners(args.batch, conv, variants)
-            rates = interleaved_rates(runners, 1, args.rounds, args.warmup, 1)
-            ms = {name: 1e3 / rate for name, rate in rates.items()}
-            for name, value in ms.items():
-                totals[name] = totals.get(name, 0.0) + conv[1] * value
-            print(f"  {conv[0]:28s} x{conv[1]}  " + "  ".join(f"{n} {v:7.1f}" for n, v in ms.items()))
-        print("  all convs (x count)               " + "  ".join(f"{n} {v:7.1f}" for n, v in totals.items()))
+        for mode in args.modes:
+            if mode == "forward":
+                stage_breakdown(args, size, variants)
+            convs: dict[str, float] = {}
+            print(f"per conv layer, {what[mode]}, ms, {size}x{size}, batch {args.batch} "
+                  f"(load {os.getloadavg()[0]:.2f})")
+            for conv in resnet_convs(size):
+                runners = layer_runners(mode, args.batch, conv, variants)
+                ms = {name: 1e3 / rate for name, rate in
+                      interleaved_rates(runners, 1, args.rounds, args.warmup, 1).items()}
+                for name, value in ms.items():
+                    convs[name] = convs.get(name, 0.0) + conv[1] * value
+                print(f"  {conv[0]:28s} x{conv[1]}  " + "  ".join(f"{n} {v:7.1f}" for n, v in ms.items()))
+            whole = {name: 1e3 / rate for name, rate in interleaved_rates(
+                build_runners(args, mode, size), 1, args.rounds, args.warmup, 1).items()}
+            if not whole:
+                continue
+            for label, values in (("all convs (x count)", convs), ("whole model", whole),
+                                  ("outside the convs", {n: whole[n] - convs[n] for n in whole})):
+                print(f"  {label:32s} " + "  ".join(f"{n} {values[n]:7.1f}" for n in whole))
 
 
 def main() -> None:
@@ -236,7 +340,8 @@ def main() -> None:
     parser.add_argument("--no-torch", action="store_true", help="arm-jax only")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--layers", action="store_true", help="per-conv-layer breakdown (CPU, float32) instead")
+    parser.add_argument("--layers", action="store_true", help="per conv layer, then the whole model and its time outside the convs "
+                             "(CPU, float32; --modes picks forward and/or train) instead")
     args = parser.parse_args()
     inner = args.inner or (10 if args.device == "gpu" else 1)
     header = {

@@ -1,4 +1,7 @@
-"""Checkpoints: exact round trip (arrays and optax state types), model rebuild, bad files."""
+"""Checkpoints: exact round trip (arrays and optax state types), background saves, model rebuild, bad files."""
+
+import threading
+import time
 
 import jax
 import numpy as np
@@ -60,6 +63,44 @@ def test_round_trip_is_exact_and_keeps_optax_types(tmp_path, model_and_state):
     (empty / "checkpoints" / "latest").mkdir(parents=True)
     with pytest.raises(UserError, match="holds no checkpoint"):
         load_model_from_checkpoint(empty, which="best")
+
+
+def test_background_save_writes_what_save_would_and_raises_its_failure_later(tmp_path, model_and_state):
+    """save_in_background reads the state in its thread and writes each kind asked for, as
+    `save` would; a job that fails is raised once, by the next call that waits for it."""
+    model, state = model_and_state
+    ckpt = Checkpoints(tmp_path)
+    read_in = []
+
+    def host_state():
+        read_in.append(threading.current_thread())
+        return state
+
+    ckpt.save_in_background(host_state, {"epoch": 1}, _info(model), kinds=("latest", "best"))
+    ckpt.wait()
+    assert read_in and read_in[0] is not threading.main_thread()
+    for which in ("latest", "best"):
+        step_dir = tmp_path / "checkpoints" / which / str(int(state.step))
+        _, _, variables = load_model_from_checkpoint(step_dir, which=which)
+        for a, b in zip(jax.tree.leaves(state.variables), jax.tree.leaves(variables), strict=True):
+            assert np.array_equal(a, np.asarray(b))
+
+    def broken():
+        raise RuntimeError("the state could not be read")
+
+    ckpt.save_in_background(broken, {"epoch": 2}, _info(model))
+    with pytest.raises(RuntimeError, match="could not be read"):
+        ckpt.wait()
+    ckpt.wait()  # raised once: the run can still close its checkpoints
+    ckpt.save_in_background(broken, {"epoch": 2}, _info(model))
+    while True:  # raise_if_failed never waits: it raises once the job has ended
+        try:
+            ckpt.raise_if_failed()
+        except RuntimeError:
+            break
+        time.sleep(0.01)
+    ckpt.close()
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "latest").iterdir()) == [str(int(state.step))]
 
 
 def test_corrupt_checkpoint_is_a_user_error(tmp_path, model_and_state):

@@ -221,12 +221,16 @@ def _tmpfs_available() -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _tmpfs_available(), reason="needs unshare -Urm and a tmpfs mount")
-def test_disk_full_during_a_save_is_a_clear_error_and_resumes_elsewhere(tmp_path, reference):
+@pytest.mark.parametrize("every, failing, kept", [
+    (1, "latest/2", [1]),  # a mid-epoch save, from the training loop itself
+    (0, "best/6", [6]),    # epoch 1's end: 'latest' fits, 'best' does not; saved from a thread
+])
+def test_disk_full_during_a_save_is_a_clear_error_and_resumes_elsewhere(tmp_path, reference, every, failing, kept):
     """Training on a 200 MB tmpfs (one checkpoint is ~135 MB): the second save fails with a
     message naming the checkpoint; the first is intact; copied to a disk with room, it resumes."""
     mount = tmp_path / "small"
     mount.mkdir()
-    train_cmd = " ".join(f"'{a}'" for a in _cli_args(mount / "run"))
+    train_cmd = " ".join(f"'{a}'" for a in _cli_args(mount / "run", checkpoint_every_steps=every))
     script = (f"mount -t tmpfs -o size=200m tmpfs {mount} && cd {REPO} && {{ {train_cmd}; echo rc=$?; }}; "
               f"cp -a {mount}/run {tmp_path}/copied")
     done = subprocess.run(["unshare", "-Urm", "sh", "-c", script], env=_env(),
@@ -236,15 +240,15 @@ def test_disk_full_during_a_save_is_a_clear_error_and_resumes_elsewhere(tmp_path
     # closed" tracebacks (from writes that failed after orbax's loop ended) as the error goes out.
     error = re.findall(r"(?<![A-Za-z])Error: (.*)", done.stderr)  # not RuntimeError: ...
     assert len(error) == 1 and "no space left on the device" in error[0], done.stderr[-3000:]
-    assert error[0].startswith(f"{mount}/run/checkpoints/latest/2: no space")  # the save that failed
+    assert error[0].startswith(f"{mount}/run/checkpoints/{failing}: no space")  # the save that failed
     assert "ERROR:absl" not in done.stderr  # orbax's own reports of it (~300 lines) are dropped
     copied = tmp_path / "copied"
-    assert _steps(copied) == [1]
-    assert "older checkpoints (steps 1) are intact" in error[0]
-    resumed = subprocess.run(_cli_args(copied), cwd=REPO, env=_env(), capture_output=True,
-                             text=True, timeout=600)
+    assert _steps(copied) == kept
+    assert f"the checkpoints in latest (steps {', '.join(map(str, kept))}) are intact" in error[0]
+    resumed = subprocess.run(_cli_args(copied, checkpoint_every_steps=every), cwd=REPO, env=_env(),
+                             capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "(step 1)" in resumed.stderr
+    assert f"(step {kept[-1]})" in resumed.stderr
     _assert_bitwise_equal(_variables(copied), reference[1])
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -307,6 +308,7 @@ def train_epoch(run: Run, state, progress: dict, stop: StopRequest, batches: Tra
                 run.compiled = True
                 log.info("first step done in %.1f s (includes compilation)", time.perf_counter() - t0)
             bar.update(1)
+            run.ckpt.raise_if_failed()  # an epoch-end save from the thread (a full disk): stop now
             if every and batch_index % every == 0 and batch_index < run.steps_per_epoch:
                 checkpoint(batch_index)
             if timings is not None:
@@ -409,10 +411,11 @@ def _train(config: TrainConfig, after_step, timings) -> dict:
                             "data_loader": None, "sums": None, "val": {"wa": val["wa"], "ua": val["ua"]}}
                 if best:
                     progress.update(best_wa=val["wa"], best_epoch=epoch + 1)
-                host = run.par.host_state(state)
-                run.ckpt.save(host, progress, run.model_info)
-                if best:
-                    run.ckpt.save(host, progress, run.model_info, kind="best")
+                # Written from a thread while the next epoch trains, from a copy of the state
+                # (the next step donates `state`'s buffers).
+                run.ckpt.save_in_background(functools.partial(run.par.host_state, run.par.snapshot(state)),
+                                            progress, run.model_info,
+                                            kinds=("latest", "best") if best else ("latest",))
                 _report(run, record, writer)
                 if timings is not None:
                     timings.add("epoch_end", epoch, epoch_end)

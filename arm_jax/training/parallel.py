@@ -19,6 +19,7 @@ import dataclasses
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -78,6 +79,12 @@ class Parallel:
         if self.mode == "pmap":
             return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], state)
         return jax.tree.map(np.asarray, state)
+
+    def snapshot(self, state):
+        """A copy of the device state that the next step, which donates its input, leaves
+        intact: a checkpoint can be read from it while training goes on. (Enqueued after the
+        step that made `state`; the copy runs on the device, the host does not wait.)"""
+        return _copy(state)
 
     def fetch(self, metrics) -> dict:
         """Device metrics (global sums, replicated) -> numpy."""
@@ -176,6 +183,9 @@ class Parallel:
             return out
 
         return evaluate
+
+
+_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 
 
 def _meet_after_compiling(compiled_lazily: Callable, *, ahead: bool = True) -> Callable:

@@ -61,12 +61,17 @@ def tap_matmul_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) 
     """
     k, _, in_channels, out_channels = kernel.shape
     padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    out_h = (padded.shape[1] - k) // stride + 1
-    out_w = (padded.shape[2] - k) // stride + 1
-    windows = [padded[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride, :]
-               for i in range(k) for j in range(k)]
-    patches = jnp.concatenate(windows, axis=-1)  # (N, h, w, k*k*C), tap-major like kernel's HWIO
+    patches = jnp.concatenate(window_taps(padded, k, stride), axis=-1)  # (N, h, w, k*k*C), tap-major like HWIO
     return patches @ kernel.reshape(k * k * in_channels, out_channels)
+
+
+def window_taps(padded: jax.Array, window: int, stride: int) -> list[jax.Array]:
+    """The window*window taps of a padded NHWC map, row-major: tap (i, j) holds, for every
+    output pixel of a window x window, stride-`stride` sweep, its window's element (i, j)."""
+    out_h = (padded.shape[1] - window) // stride + 1
+    out_w = (padded.shape[2] - window) // stride + 1
+    return [padded[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride, :]
+            for i in range(window) for j in range(window)]
 
 
 def _phase_taps(phase: int, stride: int, padding: int, kernel_size: int, in_size: int, out_size: int):

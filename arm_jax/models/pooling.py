@@ -16,6 +16,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from arm_jax.models.conv import window_taps
+
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def max_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
@@ -24,14 +26,9 @@ def max_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
 
 
 def _padded_and_taps(x: jax.Array, window: int, stride: int, padding: int):
-    """The input padded with -inf, and its window*window taps: tap (i, j) holds, for every
-    output pixel, the window's element at row i and column j (row-major order)."""
+    """The input padded with -inf, and its window*window taps (`window_taps`, row-major)."""
     padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
-    out_h = (padded.shape[1] - window) // stride + 1
-    out_w = (padded.shape[2] - window) // stride + 1
-    taps = [padded[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride, :]
-            for i in range(window) for j in range(window)]
-    return padded, taps
+    return padded, window_taps(padded, window, stride)
 
 
 def _max_pool_fwd(x, window, stride, padding):

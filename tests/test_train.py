@@ -294,7 +294,8 @@ E2E_MIN_ACCURACY = 0.4  # chance is 1/7
 # XLA flag) and 0.68 with the custom max-pool gradient (the same model, another rounding, another
 # training trajectory). The bound asks only that calibration be informative: closer to the
 # training-time GAR than a zero (missing) estimate, whose relative difference is exactly 1
-# (calibrating with BatchNorm's running statistics instead of batch statistics measured 1.03). What matters to users is the accuracy check below.
+# (calibrating with BatchNorm's running statistics instead of batch statistics measured 1.03).
+# What matters to users is the accuracy check below.
 CALIBRATION_TOLERANCE = 1.0
 # val WA with the trained vs the calibrated GAR, measured there: 0.577 vs 0.560, then 0.623 vs 0.589,
 # then 0.619 vs 0.596.

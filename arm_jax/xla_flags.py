@@ -1,4 +1,5 @@
-"""XLA:CPU tuning that arm-jax sets in `XLA_FLAGS` before JAX starts its backend.
+"""XLA:CPU tuning: a flag arm-jax sets in `XLA_FLAGS` before JAX starts its backend, and
+the compiler options its training steps are compiled with.
 
 jaxlib 0.10 sends float32 convolutions to YNNPACK, whose filter-gradient convs
 run several times slower than Eigen's on the ResNet-18 training step (measured:
@@ -8,6 +9,10 @@ Eigen and keeps YNNPACK for dots and reductions. Off switches: set
 `ARM_JAX_XLA_CPU_TUNING=0`, or give the flag yourself in `XLA_FLAGS` (your value
 wins). XLA aborts on a flag or value it does not know, so the flag is only added
 where the running jaxlib's library contains both names.
+
+The training step's compiler options (`training_compiler_options`) keep the
+optimization barriers that the model puts on each convolution's input
+(models/conv.py `materialized`); `ARM_JAX_XLA_CPU_TUNING=0` drops them too.
 """
 
 import importlib.util
@@ -27,12 +32,17 @@ _JAXLIB_LIBRARIES = ("libjax_common.so", "xla_extension.so", "libjax_common.dyli
 
 def merged_xla_flags(xla_flags: str | None, tuning: str | None, jaxlib_knows_flag: bool) -> str | None:
     """The `XLA_FLAGS` value to run with: `xla_flags` plus the YNN flag unless the user opted out or set it."""
-    if not jaxlib_knows_flag or (tuning or "").strip().lower() in ("0", "false", "no", "off"):
+    if not jaxlib_knows_flag or _opted_out(tuning):
         return xla_flags
     existing = (xla_flags or "").split()
     if any(entry == YNN_FUSION_FLAG or entry.startswith(YNN_FUSION_FLAG + "=") for entry in existing):
         return xla_flags
     return " ".join([*existing, f"{YNN_FUSION_FLAG}={YNN_FUSION_VALUE}"])
+
+
+def _opted_out(tuning: str | None) -> bool:
+    """Whether ARM_JAX_XLA_CPU_TUNING's value turns the tuning off."""
+    return (tuning or "").strip().lower() in ("0", "false", "no", "off")
 
 
 def jaxlib_knows_ynn_flag() -> bool:
@@ -67,3 +77,23 @@ def apply_xla_cpu_tuning() -> None:
     merged = merged_xla_flags(current, tuning, jaxlib_knows_ynn_flag())
     if merged is not None and merged != current:
         os.environ["XLA_FLAGS"] = merged
+
+
+# XLA's OptimizationBarrierExpander, by its pass name: it removes optimization barriers
+# before fusion. An unknown name in xla_disable_hlo_passes is ignored, so a jaxlib that
+# renames the pass compiles as without the option.
+BARRIER_EXPANDER_PASS = "cse_barrier_expander"
+
+
+def training_compiler_options() -> dict | None:
+    """`compiler_options` for `jax.jit` of a training step: on the CPU backend, keep the
+    barriers on convolution inputs (see models/conv.py `materialized`); elsewhere None.
+
+    Why per compilation and not in XLA_FLAGS: the option then reaches only the steps
+    compiled with it, never other programs in the process or other backends.
+    """
+    import jax
+
+    if jax.default_backend() != "cpu" or _opted_out(os.environ.get(TUNING_ENV)):
+        return None
+    return {"xla_disable_hlo_passes": BARRIER_EXPANDER_PASS}

@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ and arm_jax from a checkout
@@ -37,6 +38,7 @@ import optax  # noqa: E402
 
 from arm_jax.interop.pretrained import init_variables  # noqa: E402
 from arm_jax.models import ARMResNet18  # noqa: E402
+from arm_jax.xla_flags import training_compiler_options  # noqa: E402
 
 NUM_CLASSES = 7
 
@@ -54,7 +56,7 @@ def jax_runner(mode: str, batch: int, size: int, dtype_name: str):
     optimizer = optax.chain(optax.add_decayed_weights(1e-4), optax.adam(1e-3))
     state = {"variables": variables, "opt": optimizer.init(variables["params"])}
 
-    @jax.jit
+    @partial(jax.jit, compiler_options=training_compiler_options())  # as `arm-jax train` compiles it
     def step(variables, opt_state, x):
         def loss(params):
             logits, updates = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats", "gar"])

@@ -1,6 +1,10 @@
 """Convolutions written another way (custom gradients, float64 tap products) equal the plain
-convolution and its jax.grad (float64)."""
+convolution and its jax.grad (float64); the barrier on convolution inputs keeps XLA:CPU from
+recomputing them inside the filter gradients' transposes."""
 
+import re
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,3 +70,74 @@ def test_tap_matmul_conv_and_its_gradients_equal_the_plain_conv(height, width, k
         assert _relative(taps_out, out) <= 1e-12
         assert _relative(got_x, want_x) <= 1e-12
         assert _relative(got_k, want_k) <= 1e-12
+
+
+# ---- the barrier on convolution inputs (models/conv.py `materialized`) ------------------
+
+def _fused_computations(hlo_text: str) -> dict[str, list[str]]:
+    """Optimized HLO text -> {fused computation name: its instruction lines}."""
+    computations, name = {}, None
+    for line in hlo_text.splitlines():
+        header = re.match(r"%(fused_computation[\w.]*) ", line)
+        if header:
+            name = header.group(1)
+            computations[name] = []
+        elif line.startswith("}"):
+            name = None
+        elif name is not None:
+            computations[name].append(line)
+    return computations
+
+
+def _recomputing_batch_minor_transposes(hlo_text: str) -> list[set[str]]:
+    """The opcodes of each fused computation that transposes an NHWC map to (C, H, W, N), the
+    filter gradient's layout, and also computes (multiply, add, ...) instead of only moving data."""
+    moves = {"parameter", "transpose", "copy", "bitcast", "reshape", "constant"}
+    found = []
+    for lines in _fused_computations(hlo_text).values():
+        if any(" transpose(" in line and "dimensions={3,1,2,0}" in line for line in lines):
+            ops = {match.group(1) for line in lines if (match := re.search(r" = \S+ ([a-z][\w-]*)\(", line))}
+            if ops - moves:
+                found.append(ops)
+    return found
+
+
+def test_filter_gradients_transpose_stored_inputs_and_give_the_same_gradients():
+    """Two residual blocks' training gradient on the CPU: compiled with the training options, no
+    transpose recomputes BatchNorm/ReLU (the barrier holds); compiled without, XLA fuses them into
+    the transposes (so this check can fail). The gradients are bitwise the same either way."""
+    from arm_jax.models.resnet import BasicBlock
+    from arm_jax.xla_flags import training_compiler_options
+
+    blocks = [BasicBlock(16, 1, jnp.float32, jnp.float32, None, name=f"b{i}") for i in range(2)]
+
+    class TwoBlocks(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for block in blocks:
+                x = block.clone(parent=self)(x, train=True)
+            return x
+
+    model = TwoBlocks()
+    x = jax.random.normal(jax.random.key(0), (4, 12, 12, 16))
+    variables = model.init(jax.random.key(1), x)
+
+    def gradient(params):
+        return jax.grad(lambda p: jnp.sum(model.apply({**variables, "params": p}, x, mutable=["batch_stats"])[0] ** 2))(params)
+
+    options = training_compiler_options()
+    assert options is not None  # the CPU backend
+    with_barriers = jax.jit(gradient, compiler_options=options).lower(variables["params"]).compile()
+    without = jax.jit(gradient).lower(variables["params"]).compile()
+    assert _recomputing_batch_minor_transposes(with_barriers.as_text()) == []
+    assert _recomputing_batch_minor_transposes(without.as_text()) != []
+    jax.tree.map(np.testing.assert_array_equal, with_barriers(variables["params"]), without(variables["params"]))
+
+
+def test_training_compiler_options_follow_the_tuning_switch(monkeypatch):
+    from arm_jax.xla_flags import BARRIER_EXPANDER_PASS, TUNING_ENV, training_compiler_options
+
+    monkeypatch.delenv(TUNING_ENV, raising=False)
+    assert training_compiler_options() == {"xla_disable_hlo_passes": BARRIER_EXPANDER_PASS}
+    monkeypatch.setenv(TUNING_ENV, "0")
+    assert training_compiler_options() is None

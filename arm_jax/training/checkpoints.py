@@ -88,12 +88,15 @@ class Checkpoints:
         it raises (a full disk) is raised by `raise_if_failed` once it has ended, or by the
         next call that waits for it: `save`, `wait`, `latest_step`, `close`. With several
         processes it runs here and now: orbax's collectives must meet in the same order.
+        `kinds` are written in their order, each finished before the next starts.
         """
         def job():
             state = host_state()
             for kind in kinds:
                 self._save(state, progress, model_info, kind)
-            for kind in kinds:  # orbax reports a failed write when waited for: wait here, not later
+                # One kind at a time, each waited for (orbax reports a failed write only then):
+                # written side by side, on a disk with room for one, either could fail, and
+                # 'latest', the one a resume needs, is written first.
                 self._wait_for(kind)
 
         self._finish_job()

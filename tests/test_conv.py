@@ -109,21 +109,22 @@ def test_filter_gradients_transpose_stored_inputs_and_give_the_same_gradients():
     from arm_jax.models.resnet import BasicBlock
     from arm_jax.xla_flags import training_compiler_options
 
-    blocks = [BasicBlock(16, 1, jnp.float32, jnp.float32, None, name=f"b{i}") for i in range(2)]
-
     class TwoBlocks(nn.Module):
         @nn.compact
         def __call__(self, x):
-            for block in blocks:
-                x = block.clone(parent=self)(x, train=True)
+            for i in range(2):
+                x = BasicBlock(16, 1, jnp.float32, jnp.float32, None, name=f"block{i}")(x, train=True)
             return x
 
     model = TwoBlocks()
     x = jax.random.normal(jax.random.key(0), (4, 12, 12, 16))
     variables = model.init(jax.random.key(1), x)
 
-    def gradient(params):
-        return jax.grad(lambda p: jnp.sum(model.apply({**variables, "params": p}, x, mutable=["batch_stats"])[0] ** 2))(params)
+    def loss(params):
+        out, _ = model.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+        return jnp.sum(out**2)
+
+    gradient = jax.grad(loss)
 
     options = training_compiler_options()
     assert options is not None  # the CPU backend

@@ -135,11 +135,11 @@ class Parallel:
         'none' and 'jit' compile with xla_flags.training_compiler_options() (faster filter
         gradients on the CPU); jax.pmap takes no compiler options, so 'pmap' runs without them.
         """
-        options = training_compiler_options()
         if self.mode == "pmap":
             return _meet_after_compiling(jax.pmap(train_step, axis_name=AXIS, in_axes=(0, 0, None),
                                                   devices=self._pmap_devices, donate_argnums=0),
                                          ahead=False)
+        options = training_compiler_options()
         if self.mode == "jit":
             # The updated state stays replicated, like the state that came in.
             return _meet_after_compiling(jax.jit(train_step, donate_argnums=0, compiler_options=options,

@@ -38,6 +38,7 @@ import optax  # noqa: E402
 
 from arm_jax.interop.pretrained import init_variables  # noqa: E402
 from arm_jax.models import ARMResNet18  # noqa: E402
+from arm_jax.models.resnet import largest_activation_bytes  # noqa: E402
 from arm_jax.xla_flags import training_compiler_options  # noqa: E402
 
 NUM_CLASSES = 7
@@ -56,7 +57,9 @@ def jax_runner(mode: str, batch: int, size: int, dtype_name: str):
     optimizer = optax.chain(optax.add_decayed_weights(1e-4), optax.adam(1e-3))
     state = {"variables": variables, "opt": optimizer.init(variables["params"])}
 
-    @partial(jax.jit, compiler_options=training_compiler_options())  # as `arm-jax train` compiles it
+    options = training_compiler_options(largest_activation_bytes(batch, size, dtype.itemsize))  # as `arm-jax train`
+
+    @partial(jax.jit, compiler_options=options)
     def step(variables, opt_state, x):
         def loss(params):
             logits, updates = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats", "gar"])

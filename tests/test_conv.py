@@ -107,7 +107,7 @@ def test_filter_gradients_transpose_stored_inputs_and_give_the_same_gradients():
     transpose recomputes BatchNorm/ReLU (the barrier holds); compiled without, XLA fuses them into
     the transposes (so this check can fail). The gradients are bitwise the same either way."""
     from arm_jax.models.resnet import BasicBlock
-    from arm_jax.xla_flags import training_compiler_options
+    from arm_jax.xla_flags import TEMP_BLOCK_BYTES, training_compiler_options
 
     class TwoBlocks(nn.Module):
         @nn.compact
@@ -126,7 +126,7 @@ def test_filter_gradients_transpose_stored_inputs_and_give_the_same_gradients():
 
     gradient = jax.grad(loss)
 
-    options = training_compiler_options()
+    options = training_compiler_options(TEMP_BLOCK_BYTES)  # all the options, temporaries in blocks too
     assert options is not None  # the CPU backend
     with_barriers = jax.jit(gradient, compiler_options=options).lower(variables["params"]).compile()
     without = jax.jit(gradient).lower(variables["params"]).compile()
@@ -136,9 +136,47 @@ def test_filter_gradients_transpose_stored_inputs_and_give_the_same_gradients():
 
 
 def test_training_compiler_options_follow_the_tuning_switch(monkeypatch):
-    from arm_jax.xla_flags import BARRIER_EXPANDER_PASS, TUNING_ENV, training_compiler_options
+    from arm_jax.models.resnet import largest_activation_bytes
+    from arm_jax.xla_flags import BARRIER_EXPANDER_PASS, TEMP_BLOCK_BYTES, TUNING_ENV, training_compiler_options
 
     monkeypatch.delenv(TUNING_ENV, raising=False)
-    assert training_compiler_options() == {"xla_disable_hlo_passes": BARRIER_EXPANDER_PASS}
+    barrier = {"xla_disable_hlo_passes": BARRIER_EXPANDER_PASS}
+    blocks = {**barrier, "xla_multiheap_size_constraint_per_heap": str(TEMP_BLOCK_BYTES)}
+    assert training_compiler_options() == barrier
+    assert training_compiler_options(TEMP_BLOCK_BYTES) == blocks
+    assert training_compiler_options(TEMP_BLOCK_BYTES + 1) == barrier  # a larger intermediate: one block
+    # The 112 px step at batch 32 (25.7 MB stem activations) gets blocks, 224 px (102.8 MB) does not.
+    assert training_compiler_options(largest_activation_bytes(32, 112, 4)) == blocks
+    assert training_compiler_options(largest_activation_bytes(32, 224, 4)) == barrier
     monkeypatch.setenv(TUNING_ENV, "0")
     assert training_compiler_options() is None
+
+
+def _temp_blocks(dump_folder) -> list[int]:
+    """The sizes of the preallocated temporary blocks in XLA's buffer-assignment dump."""
+    (assignment,) = dump_folder.glob("*buffer-assignment.txt")
+    return [int(size) for size in re.findall(r"^allocation \d+: size (\d+), preallocated-temp", assignment.read_text(),
+                                            re.MULTILINE)]
+
+
+def test_training_options_split_the_temporaries_into_blocks_glibc_keeps(tmp_path):
+    """A program with ~110 MB of temporaries (three chained 2048x2048 matrix products and their
+    gradient, 16 MB intermediates): compiled as XLA does by default, one block above
+    TEMP_BLOCK_BYTES, which glibc would map and unmap on every call; with the training options,
+    several blocks, none larger."""
+    from arm_jax.xla_flags import TEMP_BLOCK_BYTES, training_compiler_options
+
+    def loss(x):
+        a = jnp.sin(x @ x)
+        b = jnp.cos(a @ x)
+        return jnp.sum(jnp.tanh(b @ a) @ b + a)
+
+    matrix = jax.ShapeDtypeStruct((2048, 2048), jnp.float32)
+    blocks = {}
+    for name, options in (("default", {}), ("training", training_compiler_options(4 * 2048 * 2048))):
+        folder = tmp_path / name
+        jax.jit(jax.grad(loss)).lower(matrix).compile(compiler_options={**options, "xla_dump_to": str(folder)})
+        blocks[name] = _temp_blocks(folder)
+    assert len(blocks["default"]) == 1 and blocks["default"][0] > TEMP_BLOCK_BYTES
+    assert len(blocks["training"]) > 1 and max(blocks["training"]) <= TEMP_BLOCK_BYTES
+    assert sum(blocks["training"]) >= blocks["default"][0]

@@ -134,6 +134,13 @@ class ResNet18Backbone(nn.Module):
         return x
 
 
+def largest_activation_bytes(batch: int, image_size: int, itemsize: int) -> int:
+    """Bytes of the backbone's largest activation, the stem conv's (batch, S/2, S/2, 64) output
+    (its BatchNorm, ReLU and their gradients are as large; every later map is smaller)."""
+    side = -(-image_size // 2)
+    return batch * side * side * STAGE_WIDTHS[0] * itemsize
+
+
 def backbone_output_side(image_size: int) -> int:
     """Side of the backbone's output map for a square input: five halvings, each rounding up."""
     side = image_size

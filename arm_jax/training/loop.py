@@ -25,6 +25,7 @@ from arm_jax.training.feed import TrainBatches, ValidationBatches
 from arm_jax.data.base import LabelledSplit
 from arm_jax.errors import UserError
 from arm_jax.models import ARMResNet18, architecture, with_runtime
+from arm_jax.models.resnet import largest_activation_bytes
 from arm_jax.training.optim import lr_at_epoch, make_optimizer
 from arm_jax.training.parallel import make_parallel
 from arm_jax.training.state import TrainState
@@ -189,7 +190,10 @@ def _setup(config: TrainConfig) -> tuple[Run, TrainState, dict]:
         config=config, workdir=workdir, par=par, train_split=train_split, val_split=val_split,
         steps_per_epoch=steps_per_epoch, local_batch=local_batch, data_seed=data_seed,
         step_key=step_key,
-        train_step=par.compile_train(make_train_step(par.model(model), tx, image_size=image_size)),
+        train_step=par.compile_train(
+            make_train_step(par.model(model), tx, image_size=image_size),
+            # This process's whole batch: under --parallel jit an upper bound of one device's share.
+            largest_intermediate_bytes=largest_activation_bytes(local_batch, image_size, jnp.dtype(model.dtype).itemsize)),
         evaluate=par.compile_eval(lambda axis: make_eval_step(
             with_runtime(model, axis_name=axis), image_size=image_size)),
         model_info={"architecture": architecture(model), "class_names": list(train_split.class_names),

@@ -129,17 +129,18 @@ class Parallel:
         process's devices would average within each process only."""
         return None if jax.process_count() > 1 else list(self.mesh.devices.flat)
 
-    def compile_train(self, train_step: Callable) -> Callable:
+    def compile_train(self, train_step: Callable, largest_intermediate_bytes: int | None = None) -> Callable:
         """train_step(state, batch, rng) compiled for this mode; the input state is donated.
 
-        'none' and 'jit' compile with xla_flags.training_compiler_options() (faster filter
-        gradients on the CPU); jax.pmap takes no compiler options, so 'pmap' runs without them.
+        'none' and 'jit' compile with xla_flags.training_compiler_options(largest_intermediate_bytes)
+        (faster filter gradients and fewer page faults on the CPU); jax.pmap takes no compiler
+        options, so 'pmap' runs without them.
         """
         if self.mode == "pmap":
             return _meet_after_compiling(jax.pmap(train_step, axis_name=AXIS, in_axes=(0, 0, None),
                                                   devices=self._pmap_devices, donate_argnums=0),
                                          ahead=False)
-        options = training_compiler_options()
+        options = training_compiler_options(largest_intermediate_bytes)
         if self.mode == "jit":
             # The updated state stays replicated, like the state that came in.
             return _meet_after_compiling(jax.jit(train_step, donate_argnums=0, compiler_options=options,

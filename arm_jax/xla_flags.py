@@ -93,15 +93,18 @@ BARRIER_EXPANDER_PASS = "cse_barrier_expander"
 # option splits the temporaries into blocks of at most this size, which glibc keeps and
 # reuses. Only while every intermediate fits in a block: a larger one gets a block of its
 # own, mapped anew each step, and loses the space it shared in the single block (measured at
-# 224 px, batch 32, 102 MB activations: more faults, a slower step).
+# 224 px, batch 32, 102 MB activations: more faults, a slower step). And only without JAX's
+# persistent compilation cache: XLA:CPU cannot serialize an executable whose temporaries are
+# in several blocks ("Multiple temp buffer allocations found"), so the cache could not keep
+# the step and JAX would warn at every compilation.
 TEMP_BLOCK_BYTES = 32 << 20
 
 
 def training_compiler_options(largest_intermediate_bytes: int | None = None) -> dict | None:
     """`compiler_options` for `jax.jit` of a training step: on the CPU backend, keep the
     barriers on convolution inputs (see models/conv.py `materialized`) and, where the step's
-    largest intermediate (in bytes, if known) fits, allocate the temporaries in blocks of at
-    most TEMP_BLOCK_BYTES; elsewhere None.
+    largest intermediate (in bytes, if known) fits and the persistent compilation cache is
+    off, allocate the temporaries in blocks of at most TEMP_BLOCK_BYTES; elsewhere None.
 
     Why per compilation and not in XLA_FLAGS: the options then reach only the steps
     compiled with them, never other programs in the process or other backends.
@@ -111,6 +114,7 @@ def training_compiler_options(largest_intermediate_bytes: int | None = None) -> 
     if jax.default_backend() != "cpu" or _opted_out(os.environ.get(TUNING_ENV)):
         return None
     options = {"xla_disable_hlo_passes": BARRIER_EXPANDER_PASS}
-    if largest_intermediate_bytes is not None and largest_intermediate_bytes <= TEMP_BLOCK_BYTES:
+    fits = largest_intermediate_bytes is not None and largest_intermediate_bytes <= TEMP_BLOCK_BYTES
+    if fits and not jax.config.jax_compilation_cache_dir:
         options["xla_multiheap_size_constraint_per_heap"] = str(TEMP_BLOCK_BYTES)
     return options

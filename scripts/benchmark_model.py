@@ -57,7 +57,7 @@ def jax_runner(mode: str, batch: int, size: int, dtype_name: str):
     optimizer = optax.chain(optax.add_decayed_weights(1e-4), optax.adam(1e-3))
     state = {"variables": variables, "opt": optimizer.init(variables["params"])}
 
-    options = training_compiler_options(largest_activation_bytes(batch, size, dtype.itemsize))  # as `arm-jax train`
+    options = training_compiler_options(largest_activation_bytes(batch, size))  # as `arm-jax train`
 
     @partial(jax.jit, compiler_options=options)
     def step(variables, opt_state, x):

@@ -102,7 +102,17 @@ def _recomputing_batch_minor_transposes(hlo_text: str) -> list[set[str]]:
     return found
 
 
-def test_filter_gradients_transpose_stored_inputs_and_give_the_same_gradients():
+@pytest.fixture
+def without_compilation_cache():
+    """JAX's persistent compilation cache (which the suite turns on) off for the test: the
+    training options split the temporaries into blocks only without it."""
+    folder = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)
+    yield
+    jax.config.update("jax_compilation_cache_dir", folder)
+
+
+def test_filter_gradients_transpose_stored_inputs_and_give_the_same_gradients(without_compilation_cache):
     """Two residual blocks' training gradient on the CPU: compiled with the training options, no
     transpose recomputes BatchNorm/ReLU (the barrier holds); compiled without, XLA fuses them into
     the transposes (so this check can fail). The gradients are bitwise the same either way."""
@@ -135,7 +145,7 @@ def test_filter_gradients_transpose_stored_inputs_and_give_the_same_gradients():
     jax.tree.map(np.testing.assert_array_equal, with_barriers(variables["params"]), without(variables["params"]))
 
 
-def test_training_compiler_options_follow_the_tuning_switch(monkeypatch):
+def test_training_compiler_options_follow_the_tuning_switch(monkeypatch, without_compilation_cache):
     from arm_jax.models.resnet import largest_activation_bytes
     from arm_jax.xla_flags import BARRIER_EXPANDER_PASS, TEMP_BLOCK_BYTES, TUNING_ENV, training_compiler_options
 
@@ -146,8 +156,11 @@ def test_training_compiler_options_follow_the_tuning_switch(monkeypatch):
     assert training_compiler_options(TEMP_BLOCK_BYTES) == blocks
     assert training_compiler_options(TEMP_BLOCK_BYTES + 1) == barrier  # a larger intermediate: one block
     # The 112 px step at batch 32 (25.7 MB stem activations) gets blocks, 224 px (102.8 MB) does not.
-    assert training_compiler_options(largest_activation_bytes(32, 112, 4)) == blocks
-    assert training_compiler_options(largest_activation_bytes(32, 224, 4)) == barrier
+    assert training_compiler_options(largest_activation_bytes(32, 112)) == blocks
+    assert training_compiler_options(largest_activation_bytes(32, 224)) == barrier
+    jax.config.update("jax_compilation_cache_dir", "/a/cache")  # its executables could not be cached
+    assert training_compiler_options(TEMP_BLOCK_BYTES) == barrier
+    jax.config.update("jax_compilation_cache_dir", None)
     monkeypatch.setenv(TUNING_ENV, "0")
     assert training_compiler_options() is None
 
@@ -159,7 +172,7 @@ def _temp_blocks(dump_folder) -> list[int]:
                                             re.MULTILINE)]
 
 
-def test_training_options_split_the_temporaries_into_blocks_glibc_keeps(tmp_path):
+def test_training_options_split_the_temporaries_into_blocks_glibc_keeps(tmp_path, without_compilation_cache):
     """A program with ~110 MB of temporaries (three chained 2048x2048 matrix products and their
     gradient, 16 MB intermediates): compiled as XLA does by default, one block above
     TEMP_BLOCK_BYTES, which glibc would map and unmap on every call; with the training options,

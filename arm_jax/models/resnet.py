@@ -134,11 +134,12 @@ class ResNet18Backbone(nn.Module):
         return x
 
 
-def largest_activation_bytes(batch: int, image_size: int, itemsize: int) -> int:
-    """Bytes of the backbone's largest activation, the stem conv's (batch, S/2, S/2, 64) output
-    (its BatchNorm, ReLU and their gradients are as large; every later map is smaller)."""
+def largest_activation_bytes(batch: int, image_size: int) -> int:
+    """Bytes of the backbone's largest intermediate in training: the stem conv's (batch, S/2, S/2, 64)
+    output in float32 (BatchNorm computes in float32 also for a bfloat16 model; the BatchNorm, ReLU
+    and gradient maps of the stem are as large; every later map is smaller)."""
     side = -(-image_size // 2)
-    return batch * side * side * STAGE_WIDTHS[0] * itemsize
+    return batch * side * side * STAGE_WIDTHS[0] * 4
 
 
 def backbone_output_side(image_size: int) -> int:

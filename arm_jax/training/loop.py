@@ -193,7 +193,7 @@ def _setup(config: TrainConfig) -> tuple[Run, TrainState, dict]:
         train_step=par.compile_train(
             make_train_step(par.model(model), tx, image_size=image_size),
             # This process's whole batch: under --parallel jit an upper bound of one device's share.
-            largest_intermediate_bytes=largest_activation_bytes(local_batch, image_size, jnp.dtype(model.dtype).itemsize)),
+            largest_intermediate_bytes=largest_activation_bytes(local_batch, image_size)),
         evaluate=par.compile_eval(lambda axis: make_eval_step(
             with_runtime(model, axis_name=axis), image_size=image_size)),
         model_info={"architecture": architecture(model), "class_names": list(train_split.class_names),

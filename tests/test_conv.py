@@ -106,10 +106,14 @@ def _recomputing_batch_minor_transposes(hlo_text: str) -> list[set[str]]:
 def without_compilation_cache():
     """JAX's persistent compilation cache (which the suite turns on) off for the test: the
     training options split the temporaries into blocks only without it."""
+    from jax.experimental.compilation_cache import compilation_cache
+
     folder = jax.config.jax_compilation_cache_dir
     jax.config.update("jax_compilation_cache_dir", None)
+    compilation_cache.reset_cache()  # JAX reads the setting once: make it read it again
     yield
     jax.config.update("jax_compilation_cache_dir", folder)
+    compilation_cache.reset_cache()
 
 
 def test_filter_gradients_transpose_stored_inputs_and_give_the_same_gradients(without_compilation_cache):

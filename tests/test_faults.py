@@ -284,3 +284,24 @@ def test_hostile_model_files_give_a_one_line_error(tmp_path):
                 action()
             message = str(caught.value)
             assert "\n" not in message and len(message) < 600, (what, message)
+
+
+def test_orbax_shutdown_reports_are_dropped_only_after_the_no_space_error(monkeypatch):
+    """The absl filter: orbax's 'cannot schedule new futures after shutdown' (its threads stopped
+    by the exit after a full disk, seen once in CI) is dropped once the no-space error was raised,
+    never before; other errors always pass."""
+    import logging
+
+    from arm_jax.training import checkpoints
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("absl", logging.ERROR, __file__, 1, message, None, None)
+
+    shutdown = record("_SignalingThread.run() raised an exception: cannot schedule new futures after shutdown")
+    other = record("something else failed")
+    only_once = checkpoints._NoSpaceReportedOnce()
+    monkeypatch.setattr(checkpoints._NoSpaceReportedOnce, "raised", False)
+    assert only_once.filter(shutdown) and only_once.filter(other)
+    assert not only_once.filter(record("[Errno 28] No space left on device"))
+    monkeypatch.setattr(checkpoints._NoSpaceReportedOnce, "raised", True)
+    assert not only_once.filter(shutdown) and only_once.filter(other)

@@ -226,6 +226,7 @@ class Checkpoints:
         intact = [s for s in self.latest.all_steps() if not (kind == "latest" and s == step)]
         kept = (f"the checkpoints in latest (steps {', '.join(map(str, sorted(intact)))}) are intact"
                 if intact else "no older checkpoint exists")
+        _NoSpaceReportedOnce.raised = True
         raise UserError(f"{where}: no space left on the device while saving this checkpoint "
                         f"({_describe(err)}); {kept}. Free space (or move --workdir) and run the "
                         "same command again to resume") from err
@@ -243,9 +244,17 @@ def _is_no_space(err: BaseException | None) -> bool:
     return False
 
 
+# What orbax's background threads report when the process stops them mid-save (seen once in
+# CI, racing the exit after a full disk): a follow-on of the failure already raised.
+_SHUTDOWN_TEXT = "cannot schedule new futures after shutdown"
+
+
 class _NoSpaceReportedOnce(logging.Filter):
     """Drops orbax's ERROR records (each with a traceback, ~300 lines in all) for a write that
-    found no room: `Checkpoints` raises that failure once, as a UserError naming the step."""
+    found no room: `Checkpoints` raises that failure once, as a UserError naming the step.
+    After that, also the shutdown reports of orbax's threads that the exit interrupts."""
+
+    raised = False  # set when Checkpoints raised the no-space UserError
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
@@ -253,7 +262,9 @@ class _NoSpaceReportedOnce(logging.Filter):
             message = record.getMessage()
         except Exception:  # noqa: BLE001 -- a malformed record is the handler's to report, not ours
             return True
-        return not (_is_no_space(error) or any(text in message for text in _NO_SPACE_TEXT))
+        if _is_no_space(error) or any(text in message for text in _NO_SPACE_TEXT):
+            return False
+        return not (self.raised and (_SHUTDOWN_TEXT in message or _SHUTDOWN_TEXT in str(error)))
 
 
 logging.getLogger("absl").addFilter(_NoSpaceReportedOnce())

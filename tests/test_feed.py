@@ -1,7 +1,10 @@
 """What feeds the training loop (arm_jax/training/feed.py): validation batches prefetched in a
-thread are the loader's own batches; errors reach the consumer; a stopped prefetch ends.
-(TrainBatches across epochs and resumes: tests/test_train.py, through train().)"""
+thread are the loader's own batches; errors reach the consumer; a stopped prefetch ends; a closed
+loader leaves no shared memory behind. (TrainBatches across epochs and resumes:
+tests/test_train.py, through train().)"""
 
+import gc
+import os
 import threading
 import time
 
@@ -67,3 +70,24 @@ def test_closing_a_full_prefetch_ends_its_thread():
     assert 2 <= len(produced) <= 4  # bounded: the queue holds 2, the thread waits with one more
     prefetch.close()
     assert not any(t.name == "arm-jax-prefetch" and t.is_alive() for t in threading.enumerate())
+
+
+def test_a_closed_worker_loader_leaves_none_of_its_batches_in_shared_memory():
+    """Read to its end with 2 workers and closed, the loader has unlinked every segment its batches
+    came in. Each worker's last batch stays in a reference cycle in grain's prefetch thread (the
+    traceback of the worker's StopIteration) that only the cyclic collector frees; at exit that comes
+    after grain's deletion pool has stopped, and the resource tracker reports leaked shared_memory."""
+    split = TinySplit(n=48)  # 6 batches of 8 per pass, 3 per worker
+    validation = _validation(split, passes=2, worker_count=2)
+    names = set()
+    gc.disable()  # so that the collector, run at any allocation, cannot free the cycle first
+    try:
+        for _ in range(2):
+            for batch in validation.batches():
+                names.update(value.shm.name for value in batch.values() if getattr(value, "shm", None))
+        del batch
+        validation.close()
+    finally:
+        gc.enable()
+    assert len(names) == 2 * 6 * 3  # image, label and erase of every batch came in shared memory
+    assert sorted(name for name in names if os.path.exists(os.path.join("/dev/shm", name.lstrip("/")))) == []

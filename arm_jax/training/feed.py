@@ -3,6 +3,7 @@ validation batches prefetched in a background thread, and an optional timing rec
 
 from __future__ import annotations
 
+import gc
 import queue
 import threading
 import time
@@ -245,7 +246,46 @@ class Timings:
 
 
 def _close(iterator) -> None:
-    """Shut a grain DataLoader iterator's worker processes down (grain has no public close)."""
+    """Shut a grain DataLoader iterator's worker processes down (grain has no public close), and
+    unlink the shared memory of the batches it delivered that nothing uses any more."""
     inner = getattr(iterator, "_iterator", None)
     if hasattr(inner, "close"):
         inner.close()
+        release_worker_batches()
+
+
+_UNLINK_WAIT_SECONDS = 10.0
+
+
+def release_worker_batches() -> None:
+    """Unlink now the shared memory of grain worker batches that are garbage, rather than at exit.
+
+    When a worker's share of the loader ends, grain's prefetch thread (in this process) gets the
+    worker's StopIteration, whose traceback keeps that thread's frame, and with it the worker's
+    last batch, in a reference cycle with the frames that re-raise it: only the cyclic collector
+    frees that batch. Left to the collection at interpreter exit, it comes after multiprocessing's
+    exit handler has stopped the thread pool grain deletes batches with
+    (`SharedMemoryArray.enable_async_del`): the segments are never unlinked, and the resource
+    tracker warns of 'leaked shared_memory objects' (3 per worker and loader).
+
+    So collect now, then wait for that pool to run the deletions queued so far. Its thread is held
+    during the collection: the collector also finalizes each batch's SharedMemory object (its
+    `__del__` closes it), and a close racing the pool's close + unlink of the same object can make
+    the pool's call fail before the unlink (one leaked segment now and then). `_del_thread_pool` is
+    private: absent, the collection alone is done; grain runs it with one thread, so tasks run in
+    the order queued.
+    """
+    from grain.multiprocessing import SharedMemoryArray
+
+    pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
+    gate = threading.Event()
+    try:
+        held = pool is not None and pool.apply_async(gate.wait, (_UNLINK_WAIT_SECONDS,)) is not None
+    except ValueError:  # the pool is closed
+        held = False
+    try:
+        gc.collect()
+    finally:
+        gate.set()
+    if held:
+        pool.apply_async(int).wait(_UNLINK_WAIT_SECONDS)  # bounded: a pool stopped at exit never answers

@@ -279,10 +279,13 @@ def release_worker_batches() -> None:
 
     pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
     gate = threading.Event()
-    try:
-        held = pool is not None and pool.apply_async(gate.wait, (_UNLINK_WAIT_SECONDS,)) is not None
-    except ValueError:  # the pool is closed
-        held = False
+    held = False
+    if pool is not None:
+        try:
+            pool.apply_async(gate.wait, (_UNLINK_WAIT_SECONDS,))
+            held = True
+        except ValueError:  # the pool is closed
+            pass
     try:
         gc.collect()
     finally:

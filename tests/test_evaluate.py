@@ -1,6 +1,7 @@
 """evaluate / predict / calibrate on real files: an authors'-format .pth, PNG faces, the CLI."""
 
 import copy
+import gc
 import json
 import logging
 
@@ -117,6 +118,35 @@ def test_running_gar_is_required_or_calibrated(authors_checkpoint):
     assert result.exit_code == 2 and "has no running GAR" in result.output and "--calibrate" in result.output
     bad = CliRunner().invoke(cli, ["evaluate", "--checkpoint", str(path), "--gar", "mean"])
     assert bad.exit_code == 2 and "--gar" in bad.output and "'batch'" in bad.output
+
+
+@pytest.mark.slow  # fast tier: starts grain worker processes
+def test_evaluating_with_workers_leaves_no_batch_to_the_cyclic_collector(authors_checkpoint):
+    """With workers, predictions are those without, and the loader is closed: grain keeps each
+    worker's last batch in a reference cycle that only the cyclic collector frees, at exit too
+    late for grain to unlink its shared memory (the resource tracker then warns of leaked
+    shared_memory objects); closing collects it while grain can."""
+    from grain.multiprocessing import SharedMemoryArray
+
+    path, _ = authors_checkpoint
+    loaded = load_any_model(path).named(CLASS_NAMES, "test")
+    model = with_runtime(loaded.model, gar_mode="batch")
+    split = SyntheticSplit("test", size=2 * BATCH + 5)
+    expected = predict_split(loaded, model, split, batch_size=BATCH, seed=0, shuffled=False)
+    gc.collect()
+    gc.disable()  # so that nothing but the loader's close collects the cycle
+    try:
+        got = predict_split(loaded, model, split, batch_size=BATCH, seed=0, shuffled=False, worker_count=2)
+        gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds now stays in gc.garbage, to look at
+        gc.collect()
+        left = [type(item).__name__ for item in gc.garbage if isinstance(item, SharedMemoryArray)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
 
 
 def test_calibrated_gar_is_the_mean_of_the_batch_gars(authors_checkpoint):

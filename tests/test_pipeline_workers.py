@@ -179,3 +179,38 @@ def test_worker_processes_end_when_their_training_process_is_killed():
     for pid in left:  # do not leave them to the rest of the suite
         os.kill(pid, signal.SIGKILL)
     assert not left, f"{len(left)} of {len(workers)} child processes outlived the killed loader"
+
+
+@pytest.mark.slow  # fast tier: starts grain worker processes
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="looks for the batches' segments in /dev/shm (Linux)")
+@pytest.mark.parametrize("left_after", [None, 2], ids=["read-to-the-end", "left-after-2-batches"])
+def test_read_through_stops_its_workers_and_unlinks_its_batches(left_after):
+    """Read to the end, or left early, `read_through` shuts the loader's workers down and leaves
+    none of the segments its batches came in, with the cyclic collector off, which would
+    otherwise free each worker's last batch (and let grain unlink it) only by chance."""
+    import gc
+    import multiprocessing
+
+    from arm_jax.data.pipeline import make_loader, read_through
+    from tests.test_pipeline import TinySplit
+
+    split = TinySplit(n=48)  # 6 batches of 8, 3 per worker
+    loader = make_loader(split, batch_size=8, seed=0, epoch=0, train=False, image_size=16, worker_count=2)
+    names, read = set(), 0
+    gc.disable()
+    try:
+        batches = read_through(loader)
+        for batch in batches:
+            names.update(value.shm.name for value in batch.values() if getattr(value, "shm", None))
+            del batch  # done with it before the loader closes, as a reader that keeps no batch
+            read += 1
+            if read == left_after:
+                break
+        batches.close()  # what dropping the generator does; said explicitly
+        workers_left = multiprocessing.active_children()
+    finally:
+        gc.enable()
+    assert read == (left_after or 6)
+    assert len(names) == 3 * read  # image, label and erase of every batch came in shared memory
+    assert sorted(name for name in names if os.path.exists(os.path.join("/dev/shm", name.lstrip("/")))) == []
+    assert workers_left == []

@@ -8,6 +8,7 @@ Batches are dicts of numpy arrays, ready for a jitted step that calls
            coordinates; all zeros = no erasing (always zeros in evaluation).
 """
 
+import gc
 import multiprocessing
 import os
 import threading
@@ -96,6 +97,65 @@ def make_loader(split, *, batch_size: int, seed: int, epoch: int, train: bool,
         worker_count=worker_count, worker_buffer_size=worker_buffer_size,
         read_options=read_options,
         shard_options=grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=train))
+
+
+def read_through(loader):
+    """Every batch of `loader`, in order; its worker processes are shut down and their shared
+    memory unlinked when the batches end or the reader stops early (see close_iterator)."""
+    iterator = iter(loader)
+    try:
+        yield from iterator
+    finally:
+        close_iterator(iterator)
+
+
+def close_iterator(iterator) -> None:
+    """Shut a grain DataLoader iterator's worker processes down (grain has no public close), and
+    unlink the shared memory of the batches it delivered that nothing uses any more."""
+    inner = getattr(iterator, "_iterator", None)
+    if hasattr(inner, "close"):
+        inner.close()
+        release_worker_batches()
+
+
+_UNLINK_WAIT_SECONDS = 10.0
+
+
+def release_worker_batches() -> None:
+    """Unlink now the shared memory of grain worker batches that are garbage, rather than at exit.
+
+    When a worker's share of the loader ends, grain's prefetch thread (in this process) gets the
+    worker's StopIteration, whose traceback keeps that thread's frame, and with it the worker's
+    last batch, in a reference cycle with the frames that re-raise it: only the cyclic collector
+    frees that batch. Left to the collection at interpreter exit, it comes after multiprocessing's
+    exit handler has stopped the thread pool grain deletes batches with
+    (`SharedMemoryArray.enable_async_del`): the segments are never unlinked, and the resource
+    tracker warns of 'leaked shared_memory objects' (3 per worker and loader).
+
+    So collect now, then wait for that pool to run the deletions queued so far. Its thread is held
+    during the collection: the collector also finalizes each batch's SharedMemory object (its
+    `__del__` closes it), and a close racing the pool's close + unlink of the same object can make
+    the pool's call fail before the unlink (one leaked segment now and then). `_del_thread_pool` is
+    private: absent, the collection alone is done; grain runs it with one thread, so tasks run in
+    the order queued.
+    """
+    from grain.multiprocessing import SharedMemoryArray
+
+    pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
+    gate = threading.Event()
+    held = False
+    if pool is not None:
+        try:
+            pool.apply_async(gate.wait, (_UNLINK_WAIT_SECONDS,))
+            held = True
+        except ValueError:  # the pool is closed
+            pass
+    try:
+        gc.collect()
+    finally:
+        gate.set()
+    if held:
+        pool.apply_async(int).wait(_UNLINK_WAIT_SECONDS)  # bounded: a pool stopped at exit never answers
 
 
 def steps_in_epoch(split, batch_size: int, *, sampler: str, train: bool,

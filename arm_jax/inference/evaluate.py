@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from arm_jax.data.pipeline import make_loader, steps_in_epoch
+from arm_jax.data.pipeline import make_loader, read_through, steps_in_epoch
 from arm_jax.data.sources import decode_size_hint
 from arm_jax.data.splits import open_split
 from arm_jax.errors import UserError
@@ -174,7 +174,7 @@ def predict_split(loaded: LoadedModel, model, split, *, batch_size: int, seed: i
     pad_to = None if (model.affinity and model.gar_mode == "batch") else batch_size
     labels, predictions = [], []
     bar = tqdm(total=len(split), unit="img", desc=f"evaluate {split.name}", disable=not progress)
-    for batch, logits in batched_logits(loaded, model, iter(loader), pad_to=pad_to):
+    for batch, logits in batched_logits(loaded, model, read_through(loader), pad_to=pad_to):
         labels.append(batch["label"])
         predictions.append(logits.argmax(-1))
         bar.update(len(batch["label"]))

@@ -3,13 +3,13 @@ validation batches prefetched in a background thread, and an optional timing rec
 
 from __future__ import annotations
 
-import gc
 import queue
 import threading
 import time
 
 import jax
 
+from arm_jax.data.pipeline import close_iterator
 from arm_jax.errors import UserError
 from arm_jax.training.distributed import data_state_of_this_process
 
@@ -70,7 +70,7 @@ class TrainBatches:
 
     def close(self) -> None:
         """Stop the loader's worker processes now rather than whenever it is collected."""
-        _close(self._iterator)
+        close_iterator(self._iterator)
         self._iterator = None
 
     def _open(self, first_epoch: int, last_epoch: int | None) -> None:
@@ -155,7 +155,7 @@ class ValidationBatches:
         self._iterator = iter(self._open_loader())
 
     def _close_iterator(self) -> None:
-        _close(self._iterator)
+        close_iterator(self._iterator)
         self._iterator = None
 
 
@@ -201,7 +201,7 @@ class Prefetch:
         except BaseException as error:  # noqa: BLE001 -- raised again in the consuming thread
             self._put(_Failed(error))
         finally:
-            _close(iterator)
+            close_iterator(iterator)
 
     def _put(self, item) -> bool:
         while not self._closed.is_set():
@@ -243,52 +243,3 @@ class Timings:
                 return
             self.add(what, epoch, start)
             yield item
-
-
-def _close(iterator) -> None:
-    """Shut a grain DataLoader iterator's worker processes down (grain has no public close), and
-    unlink the shared memory of the batches it delivered that nothing uses any more."""
-    inner = getattr(iterator, "_iterator", None)
-    if hasattr(inner, "close"):
-        inner.close()
-        release_worker_batches()
-
-
-_UNLINK_WAIT_SECONDS = 10.0
-
-
-def release_worker_batches() -> None:
-    """Unlink now the shared memory of grain worker batches that are garbage, rather than at exit.
-
-    When a worker's share of the loader ends, grain's prefetch thread (in this process) gets the
-    worker's StopIteration, whose traceback keeps that thread's frame, and with it the worker's
-    last batch, in a reference cycle with the frames that re-raise it: only the cyclic collector
-    frees that batch. Left to the collection at interpreter exit, it comes after multiprocessing's
-    exit handler has stopped the thread pool grain deletes batches with
-    (`SharedMemoryArray.enable_async_del`): the segments are never unlinked, and the resource
-    tracker warns of 'leaked shared_memory objects' (3 per worker and loader).
-
-    So collect now, then wait for that pool to run the deletions queued so far. Its thread is held
-    during the collection: the collector also finalizes each batch's SharedMemory object (its
-    `__del__` closes it), and a close racing the pool's close + unlink of the same object can make
-    the pool's call fail before the unlink (one leaked segment now and then). `_del_thread_pool` is
-    private: absent, the collection alone is done; grain runs it with one thread, so tasks run in
-    the order queued.
-    """
-    from grain.multiprocessing import SharedMemoryArray
-
-    pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
-    gate = threading.Event()
-    held = False
-    if pool is not None:
-        try:
-            pool.apply_async(gate.wait, (_UNLINK_WAIT_SECONDS,))
-            held = True
-        except ValueError:  # the pool is closed
-            pass
-    try:
-        gc.collect()
-    finally:
-        gate.set()
-    if held:
-        pool.apply_async(int).wait(_UNLINK_WAIT_SECONDS)  # bounded: a pool stopped at exit never answers

@@ -311,6 +311,9 @@ def train_epoch(run: Run, state, progress: dict, stop: StopRequest, batches: Tra
                 jax.block_until_ready(state)
                 run.compiled = True
                 log.info("first step done in %.1f s (includes compilation)", time.perf_counter() - t0)
+                # Compile the epoch-end copy of the state now, with the step, rather than at the
+                # first epoch boundary, where it stood between two epochs' steps.
+                jax.block_until_ready(run.par.snapshot(state))
             bar.update(1)
             run.ckpt.raise_if_failed()  # an epoch-end save from the thread (a full disk): stop now
             if every and batch_index % every == 0 and batch_index < run.steps_per_epoch:

@@ -82,7 +82,7 @@ def run_epoch(split, *, workers: int, resize_on: str, batch_size: int, image_siz
     loader = pipeline.make_loader(split, batch_size=batch_size, seed=0, epoch=0, train=True,
                                   image_size=image_size, worker_count=workers,
                                   shard_index=0, shard_count=1, resize_on=resize_on)
-    iterator = iter(loader)
+    iterator = pipeline.read_through(loader)  # closed at the end: no shared memory left behind
     first = next(iterator)
     ready, cpu_ready = time.perf_counter(), time.process_time()
     images = sum(len(batch["label"]) for batch in iterator)

@@ -72,6 +72,16 @@ def test_closing_a_full_prefetch_ends_its_thread():
     assert not any(t.name == "arm-jax-prefetch" and t.is_alive() for t in threading.enumerate())
 
 
+def _segment_names(batch: dict) -> set[str]:
+    """The shared memory segments a grain worker batch's arrays came in."""
+    return {value.shm.name for value in batch.values() if getattr(value, "shm", None)}
+
+
+def _segments_left(names: set[str]) -> list[str]:
+    """Those of `names` still in /dev/shm, not unlinked."""
+    return sorted(name for name in names if os.path.exists(os.path.join("/dev/shm", name.lstrip("/"))))
+
+
 def test_a_closed_worker_loader_leaves_none_of_its_batches_in_shared_memory():
     """Read to its end with 2 workers and closed, the loader has unlinked every segment its batches
     came in. Each worker's last batch stays in a reference cycle in grain's prefetch thread (the
@@ -84,10 +94,10 @@ def test_a_closed_worker_loader_leaves_none_of_its_batches_in_shared_memory():
     try:
         for _ in range(2):
             for batch in validation.batches():
-                names.update(value.shm.name for value in batch.values() if getattr(value, "shm", None))
+                names.update(_segment_names(batch))
         del batch
         validation.close()
     finally:
         gc.enable()
     assert len(names) == 2 * 6 * 3  # image, label and erase of every batch came in shared memory
-    assert sorted(name for name in names if os.path.exists(os.path.join("/dev/shm", name.lstrip("/")))) == []
+    assert _segments_left(names) == []

@@ -192,6 +192,7 @@ def test_read_through_stops_its_workers_and_unlinks_its_batches(left_after):
     import multiprocessing
 
     from arm_jax.data.pipeline import make_loader, read_through
+    from tests.test_feed import _segment_names, _segments_left
     from tests.test_pipeline import TinySplit
 
     split = TinySplit(n=48)  # 6 batches of 8, 3 per worker
@@ -201,7 +202,7 @@ def test_read_through_stops_its_workers_and_unlinks_its_batches(left_after):
     try:
         batches = read_through(loader)
         for batch in batches:
-            names.update(value.shm.name for value in batch.values() if getattr(value, "shm", None))
+            names.update(_segment_names(batch))
             del batch  # done with it before the loader closes, as a reader that keeps no batch
             read += 1
             if read == left_after:
@@ -212,5 +213,5 @@ def test_read_through_stops_its_workers_and_unlinks_its_batches(left_after):
         gc.enable()
     assert read == (left_after or 6)
     assert len(names) == 3 * read  # image, label and erase of every batch came in shared memory
-    assert sorted(name for name in names if os.path.exists(os.path.join("/dev/shm", name.lstrip("/")))) == []
+    assert _segments_left(names) == []
     assert workers_left == []

@@ -77,8 +77,9 @@ class Progress:
     first epoch of this workdir has ended (at once when resuming).
     """
 
-    def __init__(self, run: Run, position: str, echo: Callable[[str], None], every_s: float = PROGRESS_EVERY_S):
-        self.run, self.position, self.echo, self.every_s = run, position, echo, every_s
+    def __init__(self, run: Run, position: str, echo: Callable[[str], None], every_s: float = PROGRESS_EVERY_S,
+                 clock: Callable[[], float] = time.monotonic):
+        self.run, self.position, self.echo, self.every_s, self.clock = run, position, echo, every_s, clock
         self.start_step = self.start_time = None
         self.last_line = 0.0
         self.epochs_seen = len(metrics_records(run.workdir))
@@ -91,7 +92,7 @@ class Progress:
         return records[0]["step"] // records[0]["epoch"] if records else None
 
     def __call__(self, step: int, stop) -> None:
-        now = time.monotonic()
+        now = self.clock()
         if self.start_step is None:  # the first step includes compilation: rates count from here
             self.start_step, self.start_time, self.last_line = step, now, now
             self.echo(f"{self.position}: training started at step {step}")

@@ -189,7 +189,7 @@ def check_resumable(config: TrainConfig, workdir: Path) -> None:
         if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != current.get(k)
     )
     if changed:
-        details = "; ".join(f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in changed)
+        details = "; ".join(f"{k}: saved {saved.get(k, defaults.get(k))!r}, now {current.get(k)!r}" for k in changed)
         raise UserError(
             f"{workdir} holds a run with a different config ({details}); use a new --workdir, "
             f"or only increase --epochs to continue it"

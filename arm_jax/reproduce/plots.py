@@ -194,6 +194,14 @@ def side_by_side(images: list[Image.Image], columns: int | None = None) -> Image
     return sheet
 
 
+def titled(image: Image.Image, title: str, height: int = 34) -> Image.Image:
+    """`image` under a strip holding `title`."""
+    sheet = Image.new("RGB", (image.width, image.height + height), "white")
+    ImageDraw.Draw(sheet).text((10, 8), title, fill="black", font=font(16))
+    sheet.paste(image, (0, height))
+    return sheet
+
+
 def save(image: Image.Image, path: Path) -> Path:
     image.save(path, optimize=True)
     return path

@@ -1,0 +1,103 @@
+"""Whole training runs of two frameworks side by side: per-epoch curves over seeds, and a verdict.
+
+Each framework gives, per seed, one record per epoch with `train_loss`, `train_acc` and
+`val_wa`. The verdict is "together" when, at every epoch and for every metric, the
+difference of the two means lies within max(floor, Z standard errors of that difference):
+the standard error comes from the seed-to-seed spread (an accuracy's at least its binomial
+spread over the images it counts), and the floor is the smallest difference that matters in
+practice (10% of the loss, 5 accuracy points).
+Otherwise it is "apart", naming the epochs and metrics that differ.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+METRICS = ("train_loss", "train_acc", "val_wa")
+LABELS = {"train_loss": "train loss (mean per image)", "train_acc": "train accuracy", "val_wa": "validation accuracy"}
+Z = 3.0
+RELATIVE_FLOOR = {"train_loss": 0.10}  # of the two means' average
+ABSOLUTE_FLOOR = {"train_loss": 0.02, "train_acc": 0.05, "val_wa": 0.05}
+
+
+def per_epoch(seeds: list[list[dict]], metric: str) -> list[dict]:
+    """For each epoch that every seed reached: mean, sd (None below two seeds), min, max, values."""
+    epochs = min(len(records) for records in seeds)
+    out = []
+    for epoch in range(epochs):
+        values = [records[epoch][metric] for records in seeds]
+        out.append({"epoch": epoch + 1, "mean": statistics.fmean(values),
+                    "sd": statistics.stdev(values) if len(values) >= 2 else None,
+                    "min": min(values), "max": max(values), "values": values})
+    return out
+
+
+def summarise(runs: dict[str, list[list[dict]]]) -> dict:
+    """{framework: {metric: per_epoch(...)}} for {framework: [per-seed epoch records]}."""
+    return {name: {metric: per_epoch(seeds, metric) for metric in METRICS} for name, seeds in runs.items()}
+
+
+def _seed_sd(metric: str, point: dict, count: int | None) -> float:
+    """The spread of one seed's value: the observed sd over seeds, and for an accuracy over `count`
+    images at least the binomial sd sqrt(p (1 - p) / count) (two or three seeds can agree by chance)."""
+    sd = point["sd"] or 0.0
+    if count and metric != "train_loss":
+        p = min(max(point["mean"], 0.0), 1.0)
+        sd = max(sd, math.sqrt(p * (1 - p) / count))
+    return sd
+
+
+def allowed_difference(metric: str, a: dict, b: dict, counts: dict | None = None) -> float:
+    """The largest difference of means that still counts as the same training."""
+    count = (counts or {}).get(metric)
+    error = math.sqrt(sum(_seed_sd(metric, p, count) ** 2 / len(p["values"]) for p in (a, b)))
+    floor = max(ABSOLUTE_FLOOR[metric], RELATIVE_FLOOR.get(metric, 0.0) * (abs(a["mean"]) + abs(b["mean"])) / 2)
+    return max(floor, Z * error)
+
+
+def verdict(summary: dict, first: str, second: str, counts: dict | None = None) -> dict:
+    """'together' or 'apart' for two frameworks of `summary`, with every epoch's comparison.
+
+    counts: images behind each accuracy ({'train_acc': per epoch, 'val_wa': validation images}).
+    """
+    checks, apart = [], []
+    for metric in METRICS:
+        for a, b in zip(summary[first][metric], summary[second][metric]):
+            difference = a["mean"] - b["mean"]
+            allowed = allowed_difference(metric, a, b, counts)
+            checks.append({"metric": metric, "epoch": a["epoch"], "difference": difference, "allowed": allowed})
+            if abs(difference) > allowed:
+                apart.append(f"{metric} at epoch {a['epoch']}: {a['mean']:.4f} vs {b['mean']:.4f} "
+                             f"(difference {difference:+.4f}, allowed {allowed:.4f})")
+    status = "apart" if apart else "together"
+    if apart:
+        line = f"apart: {first} and {second} differ in " + "; ".join(apart)
+    else:
+        worst = max(checks, key=lambda c: abs(c["difference"]) / c["allowed"])
+        line = (f"together: every epoch's train loss, train accuracy and validation accuracy of {first} and "
+                f"{second} agree within max(floor, {Z:g} standard errors); closest to the limit: "
+                f"{worst['metric']} at epoch {worst['epoch']} ({worst['difference']:+.4f}, allowed {worst['allowed']:.4f})")
+    return {"status": status, "line": line, "checks": checks,
+            "rule": {"z": Z, "relative_floor": RELATIVE_FLOOR, "absolute_floor": ABSOLUTE_FLOOR}}
+
+
+def curves_figure(summary: dict, path, title: str):
+    """One panel per metric: each framework's mean over seeds, with its min-max band."""
+    from arm_jax.reproduce import plots
+
+    panels = []
+    for metric in METRICS:
+        series = []
+        for index, (name, metrics) in enumerate(summary.items()):
+            points = metrics[metric]
+            series.append(plots.Series(
+                f"{name} ({len(points[0]['values']) if points else 0} seeds, band: min-max)",
+                tuple(p["epoch"] for p in points), tuple(p["mean"] for p in points),
+                tuple(p["min"] for p in points), tuple(p["max"] for p in points),
+                plots.PALETTE[index % len(plots.PALETTE)], dashed=index == 1))
+        image, _ = plots.line_panel(series, title=LABELS[metric],
+                                    x_label="epoch", y_label=LABELS[metric].split(" (")[0], size=(520, 380),
+                                    tick_format=".3g")
+        panels.append(image)
+    return plots.save(plots.titled(plots.side_by_side(panels), title), path)

@@ -97,7 +97,7 @@ def curves_figure(summary: dict, path, title: str):
                 tuple(p["min"] for p in points), tuple(p["max"] for p in points),
                 plots.PALETTE[index % len(plots.PALETTE)], dashed=index == 1))
         image, _ = plots.line_panel(series, title=LABELS[metric],
-                                    x_label="epoch", y_label=LABELS[metric].split(" (")[0], size=(520, 380),
+                                    x_label="epoch", y_label="", size=(520, 380),
                                     tick_format=".3g")
         panels.append(image)
     return plots.save(plots.titled(plots.side_by_side(panels), title), path)

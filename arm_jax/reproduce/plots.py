@@ -78,7 +78,7 @@ def _frame(draw: ImageDraw.ImageDraw, axes: Axes, title: str, x_label: str, y_la
            x_ticks, y_ticks, tick_format: str) -> None:
     left, top, right, bottom = axes.box
     small = font(12)
-    draw.text((left, 8), title, fill="black", font=font(14))
+    draw.text((left, 6), title, fill="black", font=font(14))
     for y in y_ticks:
         _, py = axes.pixel(axes.x_range[0], y)
         draw.line([(left, py), (right, py)], fill=(225, 225, 225))
@@ -89,7 +89,8 @@ def _frame(draw: ImageDraw.ImageDraw, axes: Axes, title: str, x_label: str, y_la
         draw.text((px, bottom + 6), format(x, "g"), fill="black", font=small, anchor="mt")
     draw.rectangle(axes.box, outline="black")
     draw.text(((left + right) / 2, bottom + 24), x_label, fill="black", font=small, anchor="mt")
-    draw.text((8, top - 18), y_label, fill="black", font=small)
+    if y_label:
+        draw.text((8, top - 16), y_label, fill="black", font=small)
 
 
 def line_panel(series: list[Series], *, title: str, x_label: str, y_label: str, size=(560, 380),
@@ -100,7 +101,7 @@ def line_panel(series: list[Series], *, title: str, x_label: str, y_label: str, 
     xs = [x for s in series for x in s.x] or [0.0, 1.0]
     ys = [v for s in series for v in (*s.y, *(s.low or ()), *(s.high or ()))] + [v for _, v in references]
     x_range = (min(xs) - 0.5, max(xs) + 0.5) if len(set(xs)) < 12 else data_range(xs, 0.02)
-    axes = Axes((70, 40, width - 20, height - 90), x_range, y_range or data_range(ys))
+    axes = Axes((70, 50, width - 20, height - 90), x_range, y_range or data_range(ys))
     image = Image.new("RGB", size, "white")
     _frame(ImageDraw.Draw(image), axes, title, x_label, y_label,
            sorted(set(xs)) if len(set(xs)) < 12 else nice_ticks(*x_range),
@@ -132,7 +133,7 @@ def bar_panel(groups: list[str], bars: list[tuple[str, list[float | None], list[
     """Grouped bars: for each (name, values, sds) one bar per group, with an sd whisker where given."""
     width, height = size
     tops = [v + (sd or 0.0) for _, vs, sds in bars for v, sd in zip(vs, sds) if v is not None]
-    axes = Axes((70, 40, width - 20, height - 90), (-0.5, len(groups) - 0.5),
+    axes = Axes((70, 50, width - 20, height - 90), (-0.5, len(groups) - 0.5),
                 y_range or (0.0, data_range(tops + [0.0])[1]))
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)

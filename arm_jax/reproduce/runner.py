@@ -179,8 +179,22 @@ def evaluate_run(run: Run) -> dict[str, dict]:
                       column_names=list(report.column_names))
         run.evaluation_path(gar).write_text(report.to_json() + "\n")
         results[gar] = {"wa": report.wa, "ua": report.ua}
-    device = jax.devices()[0]
-    info = {"device": f"{device.platform}: {device.device_kind}", "dtype": c.dtype,
+    info = {"device": device_description(jax.devices()[0]), "dtype": c.dtype,
             "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     (run.workdir / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return results
+
+
+def device_description(device) -> str:
+    """'gpu: NVIDIA H100 80GB HBM3', or for a CPU its model name and core count."""
+    if device.platform != "cpu":
+        return f"{device.platform}: {device.device_kind}"
+    import os
+
+    model = "unknown model"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu: {model}, {os.cpu_count()} cores"

@@ -392,3 +392,17 @@ def test_figure5_lays_out_the_table3_confusion_matrices(tmp_path):
         assert tuple(sheet[top + i * cell + 3, left + i * cell + 3]) == (shade, shade, 255)
     markdown = (out / "results.md").read_text()
     assert "| raf_db | RAF-DB | 90.55 | 82.29 | 71.43 |" in markdown and "![Figure 5" in markdown
+
+
+def test_plans_of_other_rows_and_seeds_add_up_and_other_settings_replace_them(tmp_path):
+    from arm_jax.reproduce.plan import save_plan
+
+    root, out = raf_root(tmp_path), tmp_path / "out"
+    common = dict(epochs=1, image_size=64, batch_size=4, pretrained="none")
+    save_plan(build_plan(Options("table2", root, out, rows=("none",), **common)))
+    path = save_plan(build_plan(Options("table2", root, out, rows=("sa", "da"), seeds=(0, 1), **common)))
+    record = json.loads(path.read_text())
+    assert [(run["row"], run["seed"]) for run in record["runs"]] == [("none", 0), ("sa", 0), ("sa", 1)]
+    assert [item["row"] for item in record["left_out"]] == ["da"] and record["options"]["seeds"] == [0, 1]
+    path = save_plan(build_plan(Options("table2", root, out, rows=("none",), **{**common, "epochs": 2})))
+    assert [(run["row"], run["seed"]) for run in json.loads(path.read_text())["runs"]] == [("none", 0)]

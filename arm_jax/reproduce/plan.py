@@ -246,8 +246,17 @@ def slurm_script(plan: Plan) -> str:
 
 # ---- plan.json: what results.py reads back ------------------------------------------------------
 
+# Options that choose which runs to make, not what a run computes: plans that differ only in
+# these share one results table (running --rows a first, then --rows b, reports both).
+_SELECTION = ("seeds", "rows", "skip_missing", "launcher", "workers")
+
+
 def save_plan(plan: Plan) -> Path:
-    """Write OUT/TARGET/plan.json: the options, every run's workdir and the rows left out."""
+    """Write OUT/TARGET/plan.json: the options, every run's workdir and the rows left out.
+
+    A plan already there with the same settings (all but `_SELECTION`) is merged into this one,
+    so that results keep the rows and seeds an earlier invocation ran.
+    """
     plan.folder.mkdir(parents=True, exist_ok=True)
     record = {
         "target": plan.options.target,
@@ -258,8 +267,25 @@ def save_plan(plan: Plan) -> Path:
         "left_out": [{"row": row.name, "reason": reason} for row, reason in plan.left_out],
     }
     path = plan.folder / "plan.json"
+    if path.is_file():
+        record = _merged(json.loads(path.read_text()), record)
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
+
+
+def _merged(old: dict, new: dict) -> dict:
+    """`new` plus the runs and left-out rows of `old`, when both plans compute the same things."""
+    settings = lambda record: {k: v for k, v in record["options"].items() if k not in _SELECTION}  # noqa: E731
+    if settings(old) != settings(new) or old["dtype"] != new["dtype"]:
+        return new
+    planned = {run["workdir"] for run in new["runs"]}
+    runs = new["runs"] + [run for run in old["runs"] if run["workdir"] not in planned]
+    order = {row.name: index for index, row in enumerate(rows_of(new["target"]))}
+    runs.sort(key=lambda run: (order[run["row"]], run["seed"]))
+    with_runs = {run["row"] for run in runs}
+    left_out = {item["row"]: item for item in old["left_out"] + new["left_out"] if item["row"] not in with_runs}
+    options = {**new["options"], "seeds": sorted({run["seed"] for run in runs} | set(new["options"]["seeds"]))}
+    return {**new, "options": options, "runs": runs, "left_out": list(left_out.values())}
 
 
 def data_root_option_help() -> str:

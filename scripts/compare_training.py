@@ -119,7 +119,8 @@ def read_splits(args):
 
     arrays = []
     for split in ("train", TrainConfig().eval_split):
-        data = open_split(args.dataset, args.data_dir, split, image_size_hint=decode_size_hint(args.dataset, args.image_size))
+        data = open_split(args.dataset, args.data_dir, split,
+                          image_size_hint=decode_size_hint(args.dataset, args.image_size))
         arrays.append(([data[i]["image"] for i in range(len(data))], np.asarray(data.labels)))
     return arrays[0], arrays[1], tuple(data.class_names)
 

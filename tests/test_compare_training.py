@@ -1,9 +1,9 @@
 """scripts/compare_training.py: the released recipe in PyTorch against arm-jax over whole training runs.
 
 Fast: the verdict rule on known curves, and the PyTorch recipe's preprocessing and augmentations
-against arm-jax's (a second implementation of each). Slow: a short run of both frameworks on font
-digits written as a FER2013 CSV writes its curves and says "together"; with arm-jax's lr decay
-deliberately stepped per batch the same run says "apart".
+against arm-jax's (a second implementation of each). Slow: a short run of both frameworks (3
+epochs, 72 px) on font digits written as a FER2013 CSV writes its curves and says "together";
+with arm-jax's lr decay deliberately stepped per batch the same run says "apart".
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def test_allowed_difference_follows_the_stated_rule():
     assert curves.allowed_difference("val_wa", a, b, {"val_wa": 100}) == pytest.approx(
         3 * math.sqrt(binomial[0] ** 2 / 2 + binomial[1] ** 2 / 2))
     assert curves.allowed_difference("val_wa", a, b) == pytest.approx(0.05)  # no count: the 5-point floor
-    assert curves.allowed_difference("train_loss", a, b) == pytest.approx(max(0.055, 3 * math.sqrt(0.0001 / 2 + 0.0004 / 2)))
+    assert curves.allowed_difference("train_loss", a, b) == pytest.approx(
+        max(0.055, 3 * math.sqrt(0.0001 / 2 + 0.0004 / 2)))
 
 
 # ---- the PyTorch recipe against arm-jax's transforms ------------------------------------------
@@ -95,7 +96,8 @@ def test_recipe_preprocessing_matches_arm_jax_and_augmentations_follow_the_refer
 # ---- whole runs of both frameworks -------------------------------------------------------------
 
 def font_digits_csv(folder: Path, per_class=(20, 5, 1), seed: int = 0) -> Path:
-    """Digits 0-6 drawn with PIL's font at random size, place and contrast, with noise, as fer2013.csv."""
+    """Digits 0-6 in PIL's font, near the centre (+-2 px) at sizes 32-37, with noise, as fer2013.csv:
+    learnable from scratch in about a hundred steps of batch 4, not in ten."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "fer2013.csv", "w", newline="") as f:
@@ -103,11 +105,11 @@ def font_digits_csv(folder: Path, per_class=(20, 5, 1), seed: int = 0) -> Path:
         writer.writerow(("emotion", "pixels", "Usage"))
         for usage, count in zip(("Training", "PublicTest", "PrivateTest"), per_class):
             for i in range(7 * count):
-                image = Image.new("L", (48, 48), int(rng.integers(0, 60)))
-                ImageDraw.Draw(image).text((int(rng.integers(14, 34)), int(rng.integers(14, 34))), str(i % 7),
-                                           fill=int(rng.integers(180, 256)), anchor="mm",
-                                           font=ImageFont.load_default(size=int(rng.integers(26, 40))))
-                pixels = np.clip(np.asarray(image, np.float32) + rng.normal(0, 12, (48, 48)), 0, 255).astype(np.uint8)
+                image = Image.new("L", (48, 48), 0)
+                centre = (24 + int(rng.integers(-2, 3)), 24 + int(rng.integers(-2, 3)))
+                font = ImageFont.load_default(size=int(rng.integers(32, 38)))
+                ImageDraw.Draw(image).text(centre, str(i % 7), fill=255, anchor="mm", font=font)
+                pixels = np.clip(np.asarray(image, np.float32) + rng.normal(0, 8, (48, 48)), 0, 255).astype(np.uint8)
                 writer.writerow((i % 7, " ".join(map(str, pixels.ravel())), usage))
     return folder
 
@@ -119,10 +121,11 @@ def comparisons(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("compare")
     out = tmp_path / "out"
     # 140 training images at batch 4: 35 steps an epoch, so a per-batch decay (0.9 ** 35 = 0.025
-    # after one epoch) stops training where the per-epoch one has barely started.
+    # after one epoch) stops training where the per-epoch one has barely started. 72 px: the
+    # cheapest size with a 3x3 representation (64 px and less give one value per image).
     command = [sys.executable, "scripts/compare_training.py", "--dataset", "fer2013",
-               "--data-dir", str(font_digits_csv(tmp_path / "digits")), "--seeds", "0", "1", "--epochs", "2",
-               "--image-size", "96", "--batch-size", "4", "--torch-threads", "1", "--out", str(out)]
+               "--data-dir", str(font_digits_csv(tmp_path / "digits")), "--seeds", "0", "1", "--epochs", "3",
+               "--image-size", "72", "--batch-size", "4", "--torch-threads", "1", "--out", str(out)]
     runs = []
     for extra in ([], ["--break-lr-schedule-per-batch"]):
         finished = subprocess.run(command + extra, cwd=REPO, capture_output=True, text=True, timeout=1800)
@@ -138,11 +141,11 @@ def test_a_short_run_of_both_frameworks_writes_curves_and_says_together(comparis
     assert "verdict: together" in stdout
     for framework in ("arm-jax", "PyTorch"):
         seeds = record["runs"][framework]
-        assert len(seeds) == 2 and all(len(epochs) == 2 for epochs in seeds)
-        assert [e["lr"] for e in seeds[0]] == pytest.approx([1e-3, 9e-4])  # ExponentialLR once per epoch
+        assert len(seeds) == 2 and all(len(epochs) == 3 for epochs in seeds)
+        assert [e["lr"] for e in seeds[0]] == pytest.approx([1e-3, 9e-4, 8.1e-4])  # ExponentialLR once per epoch
         losses = np.array([[e["train_loss"] for e in epochs] for epochs in seeds])
         assert [p["mean"] for p in record["summary"][framework]["train_loss"]] == pytest.approx(losses.mean(0))
-        assert losses[:, 1].mean() < losses[:, 0].mean()  # both learn
+        assert losses[:, 2].mean() < losses[:, 0].mean() - 0.3  # both learn
     assert record["train_images"] == 140 and record["val_images"] == 35
     assert Image.open(out / "comparison.png").size == (3 * 520, 380 + 34)
 
@@ -151,6 +154,6 @@ def test_a_short_run_of_both_frameworks_writes_curves_and_says_together(comparis
 def test_the_verdict_turns_apart_when_arm_jax_steps_its_lr_per_batch(comparisons):
     _, [(_, normal), (stdout, broken)] = comparisons
     assert broken["verdict"]["status"] == "apart", broken["verdict"]["line"]
-    assert "verdict: apart: arm-jax and PyTorch differ in" in stdout and "at epoch 2" in stdout
+    assert "verdict: apart: arm-jax and PyTorch differ in" in stdout and "at epoch 3" in stdout
     assert broken["runs"]["PyTorch"] == normal["runs"]["PyTorch"]  # the same PyTorch runs (reused)
     assert broken["settings"]["break_lr_schedule_per_batch"] is True

@@ -76,7 +76,8 @@ def test_dry_run_names_every_row_and_its_commands_train_the_planned_configs(tmp_
     assert len(plan.runs) == 10  # 5 rows x 2 seeds
     from cli.evaluate import evaluate
 
-    evaluations = [evaluate.make_context("evaluate", words[2:]).params for words in command_lines(result.output, "evaluate")]
+    evaluations = [evaluate.make_context("evaluate", words[2:]).params
+                   for words in command_lines(result.output, "evaluate")]
     expected = [(str(run.workdir), gar) for run in plan.runs for gar in run.gar_modes]
     assert [(str(p["checkpoint"]), p["gar"]) for p in evaluations] == expected
     assert all(p["split"] == "test" and p["batch_size"] == 64 for p in evaluations)
@@ -200,7 +201,8 @@ def test_results_are_the_mean_and_sd_over_seeds_beside_the_papers(tmp_path):
     assert full["val_wa_last"]["mean"] == pytest.approx(100 * (values / 100 / 2 + 0.02).mean())
 
     markdown = render_markdown(results)
-    assert "**Scaled down, not comparable with the paper**: epochs 2 (paper 70); image size (px) 96 (paper 224)" in markdown
+    assert ("**Scaled down, not comparable with the paper**: epochs 2 (paper 70); image size (px) 96 (paper 224)"
+            in markdown)
     line = next(line for line in markdown.splitlines() if line.startswith("| fa-da-sa |"))
     assert f"| 90.55 | {values.mean():.2f} ± {values.std(ddof=1):.2f} |" in line
     none_line = next(line for line in markdown.splitlines() if line.startswith("| none |"))

@@ -77,7 +77,8 @@ def verdict(summary: dict, first: str, second: str, counts: dict | None = None) 
         worst = max(checks, key=lambda c: abs(c["difference"]) / c["allowed"])
         line = (f"together: every epoch's train loss, train accuracy and validation accuracy of {first} and "
                 f"{second} agree within max(floor, {Z:g} standard errors); closest to the limit: "
-                f"{worst['metric']} at epoch {worst['epoch']} ({worst['difference']:+.4f}, allowed {worst['allowed']:.4f})")
+                f"{worst['metric']} at epoch {worst['epoch']} ({worst['difference']:+.4f}, "
+                f"allowed {worst['allowed']:.4f})")
     return {"status": status, "line": line, "checks": checks,
             "rule": {"z": Z, "relative_floor": RELATIVE_FLOOR, "absolute_floor": ABSOLUTE_FLOOR}}
 

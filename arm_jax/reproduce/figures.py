@@ -32,7 +32,8 @@ def figure5(section: dict, path: Path) -> Path:
 
 def figure6(section: dict, path: Path) -> Path:
     """Test WA (batch GAR) against the De-albino kernel size, mean with a +-sd band, and the paper's anchors."""
-    points = [(int(row["row"].removeprefix("k")), row["wa_batch"]) for row in section["rows"] if row["wa_batch"]["mean"] is not None]
+    points = [(int(row["row"].removeprefix("k")), row["wa_batch"]) for row in section["rows"]
+              if row["wa_batch"]["mean"] is not None]
     x = tuple(k for k, _ in points)
     y = tuple(v["mean"] for _, v in points)
     sd = tuple(v["sd"] or 0.0 for _, v in points)
@@ -54,7 +55,8 @@ def table2_figure(section: dict, path: Path) -> Path:
             ("measured, batch GAR", [row["wa_batch"]["mean"] for row in rows], [row["wa_batch"]["sd"] for row in rows]),
             ("measured, running GAR", [row["wa_running"]["mean"] for row in rows],
              [row["wa_running"]["sd"] for row in rows])]
-    image, _ = plots.bar_panel([row["label"] for row in rows], bars, title=_scaled("Table 2: FA / DA / SA on RAF-DB", section),
+    image, _ = plots.bar_panel([row["label"] for row in rows], bars,
+                               title=_scaled("Table 2: FA / DA / SA on RAF-DB", section),
                                y_label="test WA %", y_range=(0.0, 100.0))
     return plots.save(image, path)
 

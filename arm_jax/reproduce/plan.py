@@ -150,7 +150,8 @@ def geometry_problem(row: Row, image_size: int) -> str | None:
     """Why the row's model cannot be built at this image size (a kernel larger than its map), or None."""
     from arm_jax.models import ARMResNet18
 
-    architecture = {k: v for k, v in row.settings.items() if k in ("arrangement", "de_albino", "affinity", "raw_kernel")}
+    fields = ("arrangement", "de_albino", "affinity", "raw_kernel")
+    architecture = {k: v for k, v in row.settings.items() if k in fields}
     try:
         ARMResNet18(num_classes=7, image_size=image_size, **architecture)
     except UserError as err:

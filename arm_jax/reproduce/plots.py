@@ -154,7 +154,8 @@ def bar_panel(groups: list[str], bars: list[tuple[str, list[float | None], list[
     for g, name in enumerate(groups):
         px, _ = axes.pixel(g, axes.y_range[0])
         draw.text((px, axes.box[3] + 6), name, fill="black", font=font(12), anchor="mt")
-    _legend(draw, [(name, PALETTE[b % len(PALETTE)]) for b, (name, _, _) in enumerate(bars)], (axes.box[0], height - 40))
+    entries = [(name, PALETTE[b % len(PALETTE)]) for b, (name, _, _) in enumerate(bars)]
+    _legend(draw, entries, (axes.box[0], height - 40))
     return image, axes
 
 

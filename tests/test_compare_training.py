@@ -42,18 +42,21 @@ def test_verdict_is_together_within_the_spread_and_apart_beyond_it():
     result = curves.verdict(curves.summarise({"a": slow, "b": torch_runs}), "a", "b")
     assert result["status"] == "apart"
     assert "train_loss at epoch 2: 1.2250 vs 0.6100" in result["line"]
-    assert "train_loss at epoch 1" not in result["line"]  # 1.725 vs 1.585: within 10% of the loss
+    assert "train_loss at epoch 1" not in result["line"]  # 1.725 vs 1.585: within the seeds' spread
 
 
 def test_allowed_difference_follows_the_stated_rule():
     a = {"mean": 0.5, "sd": 0.01, "values": [0.49, 0.51]}
     b = {"mean": 0.6, "sd": 0.02, "values": [0.58, 0.62]}
-    binomial = math.sqrt(0.25 / 100), math.sqrt(0.24 / 100)  # 100 images: wider than the seeds' spread
-    assert curves.allowed_difference("val_wa", a, b, {"val_wa": 100}) == pytest.approx(
-        3 * math.sqrt(binomial[0] ** 2 / 2 + binomial[1] ** 2 / 2))
-    assert curves.allowed_difference("val_wa", a, b) == pytest.approx(0.05)  # no count: the 5-point floor
-    assert curves.allowed_difference("train_loss", a, b) == pytest.approx(
-        max(0.055, 3 * math.sqrt(0.0001 / 2 + 0.0004 / 2)))
+    pooled = (0.01 ** 2 + 0.02 ** 2) / 2  # 2 + 2 seeds: 2 degrees of freedom, t = 9.925
+    assert curves.allowed_difference("train_loss", a, b) == pytest.approx(9.925 * math.sqrt(pooled * (1 / 2 + 1 / 2)))
+    assert curves.allowed_difference("val_wa", a, b) == pytest.approx(9.925 * math.sqrt(pooled))
+    binomial = 0.55 * 0.45 / 100  # 100 images: wider than the seeds' spread, and known (t = 2.576)
+    assert curves.allowed_difference("val_wa", a, b, {"val_wa": 100}) == pytest.approx(2.576 * math.sqrt(binomial))
+    close = {"mean": 0.5, "sd": 0.001, "values": [0.499, 0.501]}
+    assert curves.allowed_difference("val_wa", close, close) == pytest.approx(0.05)  # the 5-point floor
+    three = {"mean": 1.0, "sd": 0.1, "values": [0.9, 1.0, 1.1]}  # 3 + 3 seeds: 4 degrees of freedom
+    assert curves.allowed_difference("train_loss", three, three) == pytest.approx(4.604 * 0.1 * math.sqrt(2 / 3))
 
 
 # ---- the PyTorch recipe against arm-jax's transforms ------------------------------------------

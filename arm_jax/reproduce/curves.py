@@ -1,12 +1,13 @@
 """Whole training runs of two frameworks side by side: per-epoch curves over seeds, and a verdict.
 
 Each framework gives, per seed, one record per epoch with `train_loss`, `train_acc` and
-`val_wa`. The verdict is "together" when, at every epoch and for every metric, the
-difference of the two means lies within max(floor, Z standard errors of that difference):
-the standard error comes from the seed-to-seed spread (an accuracy's at least its binomial
-spread over the images it counts), and the floor is the smallest difference that matters in
-practice (10% of the loss, 5 accuracy points).
-Otherwise it is "apart", naming the epochs and metrics that differ.
+`val_wa`. The verdict is "together" when, at every epoch and for every metric, the difference
+of the two means lies within max(floor, t x its standard error), and "apart" otherwise, naming
+the epochs and metrics. t x standard error is Student's two-sample test at the 99% level: if
+both frameworks train the same recipe, their seeds come from one distribution, so the seeds'
+variances pool (2 + 2 seeds leave 2 degrees of freedom, t = 9.9; 3 + 3 leave 4, t = 4.6); an
+accuracy's variance is at least the binomial p (1 - p) / images (then known: t = 2.576). The
+floor is the smallest difference that matters in practice: 10% of the loss, 5 accuracy points.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ import statistics
 
 METRICS = ("train_loss", "train_acc", "val_wa")
 LABELS = {"train_loss": "train loss (mean per image)", "train_acc": "train accuracy", "val_wa": "validation accuracy"}
-Z = 3.0
+# Student's t, two-sided 99% (t at 0.995), by degrees of freedom; beyond the table, the normal 2.576.
+T_995 = {1: 63.657, 2: 9.925, 3: 5.841, 4: 4.604, 5: 4.032, 6: 3.707, 7: 3.499, 8: 3.355, 9: 3.250, 10: 3.169,
+         12: 3.055, 15: 2.947, 20: 2.845, 30: 2.750, 60: 2.660, 120: 2.617}
+Z_995 = 2.576
 RELATIVE_FLOOR = {"train_loss": 0.10}  # of the two means' average
 ABSOLUTE_FLOOR = {"train_loss": 0.02, "train_acc": 0.05, "val_wa": 0.05}
 
@@ -38,29 +42,35 @@ def summarise(runs: dict[str, list[list[dict]]]) -> dict:
     return {name: {metric: per_epoch(seeds, metric) for metric in METRICS} for name, seeds in runs.items()}
 
 
-def _seed_sd(metric: str, point: dict, count: int | None) -> float:
-    """The spread of one seed's value: the observed sd over seeds, and for an accuracy over `count`
-    images at least the binomial sd sqrt(p (1 - p) / count) (two or three seeds can agree by chance)."""
-    sd = point["sd"] or 0.0
-    if count and metric != "train_loss":
-        p = min(max(point["mean"], 0.0), 1.0)
-        sd = max(sd, math.sqrt(p * (1 - p) / count))
-    return sd
+def t_quantile(df: float) -> float:
+    """t at 0.995 for `df` degrees of freedom, rounded down to the table (wider: conservative)."""
+    if math.isinf(df):
+        return Z_995
+    below = [d for d in T_995 if d <= df]
+    return T_995[max(below)] if below else T_995[1]
 
 
 def allowed_difference(metric: str, a: dict, b: dict, counts: dict | None = None) -> float:
-    """The largest difference of means that still counts as the same training."""
-    count = (counts or {}).get(metric)
-    error = math.sqrt(sum(_seed_sd(metric, p, count) ** 2 / len(p["values"]) for p in (a, b)))
-    floor = max(ABSOLUTE_FLOOR[metric], RELATIVE_FLOOR.get(metric, 0.0) * (abs(a["mean"]) + abs(b["mean"])) / 2)
-    return max(floor, Z * error)
-
-
-def verdict(summary: dict, first: str, second: str, counts: dict | None = None) -> dict:
-    """'together' or 'apart' for two frameworks of `summary`, with every epoch's comparison.
+    """The largest difference of means that still counts as the same training (module docstring).
 
     counts: images behind each accuracy ({'train_acc': per epoch, 'val_wa': validation images}).
     """
+    na, nb = len(a["values"]), len(b["values"])
+    df = na + nb - 2
+    variance = ((na - 1) * (a["sd"] or 0.0) ** 2 + (nb - 1) * (b["sd"] or 0.0) ** 2) / df if df else 0.0
+    t = t_quantile(df) if df else Z_995
+    count = (counts or {}).get(metric)
+    if count and metric != "train_loss":
+        p = min(max((a["mean"] + b["mean"]) / 2, 0.0), 1.0)
+        if p * (1 - p) / count >= variance:
+            variance, t = p * (1 - p) / count, Z_995
+    error = math.sqrt(variance * (1 / na + 1 / nb))
+    floor = max(ABSOLUTE_FLOOR[metric], RELATIVE_FLOOR.get(metric, 0.0) * (abs(a["mean"]) + abs(b["mean"])) / 2)
+    return max(floor, t * error)
+
+
+def verdict(summary: dict, first: str, second: str, counts: dict | None = None) -> dict:
+    """'together' or 'apart' for two frameworks of `summary`, with every epoch's comparison."""
     checks, apart = [], []
     for metric in METRICS:
         for a, b in zip(summary[first][metric], summary[second][metric]):
@@ -76,11 +86,12 @@ def verdict(summary: dict, first: str, second: str, counts: dict | None = None) 
     else:
         worst = max(checks, key=lambda c: abs(c["difference"]) / c["allowed"])
         line = (f"together: every epoch's train loss, train accuracy and validation accuracy of {first} and "
-                f"{second} agree within max(floor, {Z:g} standard errors); closest to the limit: "
+                f"{second} agree within max(floor, t x standard error); closest to the limit: "
                 f"{worst['metric']} at epoch {worst['epoch']} ({worst['difference']:+.4f}, "
                 f"allowed {worst['allowed']:.4f})")
     return {"status": status, "line": line, "checks": checks,
-            "rule": {"z": Z, "relative_floor": RELATIVE_FLOOR, "absolute_floor": ABSOLUTE_FLOOR}}
+            "rule": {"test": "Student's two-sample t, pooled seeds, two-sided 99%", "relative_floor": RELATIVE_FLOOR,
+                     "absolute_floor": ABSOLUTE_FLOOR}}
 
 
 def curves_figure(summary: dict, path, title: str):

@@ -147,7 +147,7 @@ def read_rgb(path: Path) -> np.ndarray:
 
 
 def face_at_size(image: np.ndarray, image_size: int) -> np.ndarray:
-    """An aligned face crop resized to the model's input size (PIL bilinear, as arm_jax.data.transforms.resize_uint8)."""
+    """An aligned face crop at the model's input size (PIL bilinear, as arm_jax.data.transforms.resize_uint8)."""
     if image.shape[:2] == (image_size, image_size):
         return image
     return np.asarray(Image.fromarray(image).resize((image_size, image_size), Image.BILINEAR))

@@ -61,7 +61,7 @@ class Batcher:
         self._thread.join()
 
     def stats(self) -> dict:
-        """How many classifier calls ran with each number of faces and of callers."""
+        """How many classifier calls ran with each number of faces; how many batches served each number of callers."""
         with self._lock:
             return {"batches": sum(self._batch_sizes.values()),
                     "faces_per_batch": {str(k): v for k, v in sorted(self._batch_sizes.items())},
@@ -101,18 +101,20 @@ class Batcher:
                 self._answer([job], len(job.faces))
 
     def _answer(self, jobs: list[_Job], count: int) -> None:
+        # Only a single photo with more faces than max_batch makes more than one slice.
+        starts = range(0, count, self.max_batch)
         try:
             faces = np.concatenate([job.faces for job in jobs])
-            # A single photo with more faces than max_batch runs in max_batch slices.
             rows = np.concatenate([self.classifier.probabilities(faces[start : start + self.max_batch])
-                                   for start in range(0, count, self.max_batch)])
+                                   for start in starts])
         except Exception as error:  # the callers report it; the thread lives on for the next batch
             log.exception("the classifier failed on a batch of %d faces", count)
             for job in jobs:
                 job.future.set_exception(error)
             return
         with self._lock:
-            self._batch_sizes[count] += 1
+            for start in starts:
+                self._batch_sizes[min(self.max_batch, count - start)] += 1
             self._jobs_per_batch[len(jobs)] += 1
         start = 0
         for job in jobs:

@@ -211,19 +211,19 @@ def jpeg_of(path: Path) -> bytes:
 
 # name -> (the body, post_image's keywords, the status, a phrase the error must contain); bodies are built when used.
 HOSTILE_UPLOADS = {
-    "empty": (lambda m: b"", {}, 400, "upload: the upload is empty"),
-    "empty file": (lambda m: b"", {"name": "face.png"}, 400, "face.png: the upload is empty"),
-    "truncated png": (lambda m: m.astronaut.read_bytes()[:100_000], {"name": "face.png"}, 400, "truncated"),
-    "truncated jpeg": (lambda m: jpeg_of(m.astronaut)[:5000], {"name": "face.jpg", "media_type": "image/jpeg"}, 400,
+    "empty": (lambda m: b"", {}, 400, "upload: the image is empty"),
+    "empty_file": (lambda m: b"", {"name": "face.png"}, 400, "face.png: the image is empty"),
+    "truncated_png": (lambda m: m.astronaut.read_bytes()[:100_000], {"name": "face.png"}, 400, "truncated"),
+    "truncated_jpeg": (lambda m: jpeg_of(m.astronaut)[:5000], {"name": "face.jpg", "media_type": "image/jpeg"}, 400,
                        "truncated"),
-    "not an image": (lambda m: os.urandom(3000), {"name": "face.png"}, 415, "not a JPEG, PNG, BMP or WebP"),
-    "text file": (lambda m: b"hello\n" * 100, {"name": "notes.txt", "media_type": "text/plain"}, 415, "'.txt'"),
-    "text body": (lambda m: b"hello\n" * 100, {"media_type": "text/plain"}, 415, "'text/plain', not as an image"),
-    "png named .jpg": (lambda m: m.astronaut.read_bytes(), {"name": "face.jpg", "media_type": "image/jpeg"}, 415,
+    "not_an_image": (lambda m: os.urandom(3000), {"name": "face.png"}, 415, "not a JPEG, PNG, BMP or WebP"),
+    "text_file": (lambda m: b"hello\n" * 100, {"name": "notes.txt", "media_type": "text/plain"}, 415, "'.txt'"),
+    "text_body": (lambda m: b"hello\n" * 100, {"media_type": "text/plain"}, 415, "'text/plain', not as an image"),
+    "png_named_jpg": (lambda m: m.astronaut.read_bytes(), {"name": "face.jpg", "media_type": "image/jpeg"}, 415,
                        "JPEG (by its name or media type) but it is PNG"),
-    "decompression bomb": (lambda m: png_bomb(12_000), {"name": "bomb.png"}, 413, "refused from its header"),
-    "too large": (lambda m: bytes(MAX_BODY + 1), {"name": "big.png"}, 413, "--max-body-mb"),
-    "too large, no length": (lambda m: iter([bytes(2**16)] * 17), {}, 413, "--max-body-mb"),  # sent chunked
+    "decompression_bomb": (lambda m: png_bomb(12_000), {"name": "bomb.png"}, 413, "refused from its header"),
+    "too_large": (lambda m: bytes(MAX_BODY + 1), {"name": "big.png"}, 413, "--max-body-mb"),
+    "too_large_chunked": (lambda m: iter([bytes(2**16)] * 17), {}, 413, "--max-body-mb"),  # sent chunked
 }
 
 

@@ -79,7 +79,7 @@ def decode_upload(data: bytes, name: str, media_type: str | None, max_pixels: in
     its name or media type says.
     """
     if not data:
-        raise UploadError(400, f"{name}: the upload is empty")
+        raise UploadError(400, f"{name}: the image is empty (0 bytes)")
     claimed = declared_format(name, media_type)
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)

@@ -17,7 +17,6 @@ the server's CPU: on a 2-core machine their HTTP work is part of what is measure
 import argparse
 import io
 import os
-import platform
 import sys
 import tempfile
 import threading
@@ -26,11 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ and arm_jax from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # results_table
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import results_table  # noqa: E402  (scripts/, beside this file)
 from tests.serving import ServerProcess  # noqa: E402
 
 
@@ -46,16 +47,6 @@ class Row:
     p99_ms: float
     per_s: float
     faces_per_call: float
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def markdown_table(rows: list[Row], machine: str) -> str:
@@ -145,6 +136,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
     parser.add_argument("--clients", default="1,4,16")
+    results_table.add_option(parser)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="benchmark-serve-"))
     jax_model, onnx_model = model_files(args.model, args.image_size, root)
@@ -169,9 +161,17 @@ def main() -> None:
     finally:
         for server in servers.values():
             server.terminate()
-    machine = (f"{cpu_model()}, {os.cpu_count()} cores, {args.image_size} px model, {args.seconds:g} s per row, "
-               f"load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after")
+    load_after = os.getloadavg()[0]
+    machine = (f"{results_table.cpu()}, {args.image_size} px model, {args.seconds:g} s per row, "
+               f"load average {load_before:.1f} before / {load_after:.1f} after")
     print(markdown_table(rows, machine))
+    if args.markdown:
+        stamp = results_table.stamp()
+        results_table.write_rows(args.markdown, "benchmark_serve", [
+            {**stamp, "run": f"{r.backend}, {r.path}, {r.clients} clients, {args.image_size} px",
+             "load average": f"{load_before:.1f} / {load_after:.1f}", "requests": str(r.requests),
+             "p50 ms": f"{r.p50_ms:.0f}", "p99 ms": f"{r.p99_ms:.0f}", "requests/s": f"{r.per_s:.1f}",
+             "faces per call": f"{r.faces_per_call:.1f}"} for r in rows])
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from arm_jax.inference import metrics as metrics_lib
+from arm_jax import metrics as metrics_lib
 from arm_jax.training.checkpoints import Checkpoints
 from arm_jax.training.config import TrainConfig, check_resumable, save_config
 from arm_jax.training.feed import TrainBatches, ValidationBatches

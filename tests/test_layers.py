@@ -44,3 +44,14 @@ def test_no_module_imports_a_layer_above_its_own():
         wrong += [f"{path.relative_to(PACKAGE.parent)} imports arm_jax.{layer}" for layer in sorted(above)]
     assert wrong == []
 
+
+def test_data_set_splits_are_defined_in_the_data_package():
+    """A LabelledSplit subclass (a data set, or a part of one) is a data concept, whoever uses it."""
+    outside = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any(
+                    getattr(base, "id", getattr(base, "attr", None)) == "LabelledSplit" for base in node.bases):
+                if _layer(path) != "data":
+                    outside.append(f"{path.relative_to(PACKAGE.parent)}: {node.name}")
+    assert outside == []

@@ -248,6 +248,20 @@ class FileSplit(LabelledSplit):
                                "to check every image before training") from e
 
 
+class Subset(LabelledSplit):
+    """`count` records of `base` drawn at random (seeded), in their original order."""
+
+    def __init__(self, base: LabelledSplit, count: int, seed: int):
+        count = min(count, len(base))
+        self.base = base
+        self.indices = np.sort(np.random.default_rng(seed).choice(len(base), count, replace=False))
+        super().__init__(f"{base.name}[{count} of {len(base)}]", base.class_names,
+                         base.labels[self.indices], base.report)
+
+    def image(self, index: int) -> np.ndarray:
+        return self.base[int(self.indices[index])]["image"]
+
+
 def check_image_paths(root: Path, paths: list[str], wheres: list[tuple[Path, int | None]],
                       problems: Problems, *, check_content: bool = True) -> np.ndarray:
     """Bool mask of the paths that stay inside root and (if check_content) are sound images.

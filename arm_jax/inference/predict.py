@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from arm_jax.data.base import resize_uint8
 from arm_jax.errors import UserError
 from arm_jax.inference.detection import Box, FaceDetector, crop_face, draw_faces
 from arm_jax.inference.video import VIDEO_SUFFIXES, VideoReader, VideoWriter
@@ -142,11 +143,8 @@ def read_rgb(path: Path) -> np.ndarray:
 
 
 def read_face(path: Path, image_size: int) -> np.ndarray:
-    """An aligned face crop at the model's input size (PIL bilinear, as arm_jax.data.transforms.resize_uint8)."""
-    image = read_rgb(path)
-    if image.shape[:2] == (image_size, image_size):
-        return image
-    return np.asarray(Image.fromarray(image).resize((image_size, image_size), Image.BILINEAR))
+    """An aligned face crop at the model's input size, resized as the training pipeline resizes."""
+    return resize_uint8(read_rgb(path), image_size)
 
 
 def predict(checkpoint: str | Path, inputs: list[str | Path], *, batch_size: int = 32) -> list[Prediction]:

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from arm_jax.data.base import resize_uint8
 from arm_jax.errors import UserError
 from arm_jax.inference.detection import Box, FaceDetector, crop_face, draw_faces
 from arm_jax.inference.video import VIDEO_SUFFIXES, VideoReader, VideoWriter
@@ -147,10 +148,8 @@ def read_rgb(path: Path) -> np.ndarray:
 
 
 def face_at_size(image: np.ndarray, image_size: int) -> np.ndarray:
-    """An aligned face crop at the model's input size (PIL bilinear, as arm_jax.data.transforms.resize_uint8)."""
-    if image.shape[:2] == (image_size, image_size):
-        return image
-    return np.asarray(Image.fromarray(image).resize((image_size, image_size), Image.BILINEAR))
+    """An aligned face crop at the model's input size, resized as the training pipeline resizes."""
+    return resize_uint8(image, image_size)
 
 
 def read_face(path: Path, image_size: int) -> np.ndarray:

@@ -18,6 +18,7 @@ COMMANDS = {
     "convert": "cli.convert:convert",
     "export": "cli.export:export",
     "reproduce": "cli.reproduce:reproduce",
+    "serve": "cli.serve:serve",
 }
 
 

@@ -1,7 +1,7 @@
 """Whole training runs of arm-jax and of the released recipe in PyTorch, on the same data splits.
 
     python scripts/compare_training.py --dataset fer2013 --data-dir data/digits --seeds 0 1 2 --epochs 4 \
-        --image-size 112 --batch-size 32 --out runs/compare
+        --image-size 112 --batch-size 32 --out runs/compare [--markdown]
 
 For each seed, trains the released code's model with the released recipe in PyTorch
 (arm_jax/interop/torch_recipe.py: Adam with L2 on every parameter, ExponentialLR stepped per
@@ -11,6 +11,8 @@ set, splits, epochs, batch, image size, backbone and seed), then writes OUT/comp
 over seeds; the verdict) and OUT/comparison.png (each metric's two curves with min-max bands),
 and prints the verdict line: "together", or "apart" naming the epochs and metrics that differ
 (arm_jax/reproduce/curves.py states the rule). Runs already finished in OUT are reused.
+--markdown also writes the per-epoch means and the verdict as this machine's row of the
+`compare_training` table in scripts/README.md (scripts/results_table.py).
 
 --break-lr-schedule-per-batch exists only to show that the verdict can fail: it steps
 arm-jax's learning-rate decay after every batch instead of every epoch, a plausible bug that
@@ -30,6 +32,9 @@ from pathlib import Path
 from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import results_table  # noqa: E402  (scripts/, beside this file)
 
 FRAMEWORKS = ("arm-jax", "PyTorch")
 
@@ -49,7 +54,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--break-lr-schedule-per-batch", action="store_true",
                         help="FOR CHECKING THIS SCRIPT ONLY: a deliberately wrong arm-jax (lr decay every batch)")
-    return parser.parse_args(argv)
+    results_table.add_option(parser)
+    args = parser.parse_args(argv)
+    if args.markdown and args.break_lr_schedule_per_batch:
+        parser.error("--markdown records comparisons of arm-jax as it is, not with --break-lr-schedule-per-batch")
+    return args
 
 
 @contextlib.contextmanager
@@ -142,6 +151,27 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown_row(record: dict) -> dict[str, str]:
+    """This run as a row of scripts/README.md's compare_training table: per-epoch means, both frameworks."""
+    settings, summary = record["settings"], record["summary"]
+
+    def means(framework, metric):
+        return " / ".join(f"{point['mean']:.3f}" for point in summary[framework][metric])
+
+    seeds = " ".join(map(str, settings["seeds"]))
+    run = (f"{settings['dataset']}: {record['train_images']} train / {record['val_images']} val images, "
+           f"{settings['epochs']} epochs, {settings['image_size']} px, batch {settings['batch_size']}, "
+           f"pretrained {settings['pretrained']}, seeds {seeds}")
+    device = record["machine"]["device"]
+    machine = None if device.lower() == "cpu" else f"{device} (host: {results_table.cpu()})"
+    return {**results_table.stamp(machine), "run": run,
+            "train loss per epoch, arm-jax": means("arm-jax", "train_loss"),
+            "train loss, PyTorch": means("PyTorch", "train_loss"),
+            "validation accuracy per epoch, arm-jax": means("arm-jax", "val_wa"),
+            "validation accuracy, PyTorch": means("PyTorch", "val_wa"),
+            "verdict": record["verdict"]["status"]}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import arm_jax  # noqa: F401  (XLA flags before JAX starts)
@@ -182,6 +212,8 @@ def main(argv=None) -> dict:
     print(table(summary))
     print(f"wrote {args.out / 'comparison.json'} and {args.out / 'comparison.png'}")
     print(f"verdict: {result['line']}")
+    if args.markdown:
+        results_table.write_rows(args.markdown, "compare_training", [markdown_row(record)])
     return record
 
 

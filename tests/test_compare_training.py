@@ -59,6 +59,33 @@ def test_allowed_difference_follows_the_stated_rule():
     assert curves.allowed_difference("train_loss", three, three) == pytest.approx(4.604 * 0.1 * math.sqrt(2 / 3))
 
 
+def test_markdown_row_holds_both_frameworks_per_epoch_means_and_replaces_this_machines_row(tmp_path):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import compare_training
+    import results_table
+
+    runs = {"arm-jax": [_epochs([1.5, 0.6], [0.5, 0.8], [0.6, 0.85]), _epochs([1.7, 0.64], [0.5, 0.8], [0.62, 0.87])],
+            "PyTorch": [_epochs([1.55, 0.58], [0.5, 0.8], [0.61, 0.86]), _epochs([1.65, 0.6], [0.5, 0.8], [0.6, 0.84])]}
+    summary = curves.summarise(runs)
+    record = {"settings": {"dataset": "fer2013", "seeds": [0, 1], "epochs": 2, "image_size": 72, "batch_size": 4,
+                           "pretrained": "none", "break_lr_schedule_per_batch": False},
+              "train_images": 140, "val_images": 35, "machine": {"device": "cpu"}, "summary": summary,
+              "verdict": curves.verdict(summary, "arm-jax", "PyTorch")}
+    row = compare_training.markdown_row(record)
+    assert row["run"] == "fer2013: 140 train / 35 val images, 2 epochs, 72 px, batch 4, pretrained none, seeds 0 1"
+    assert (row["train loss per epoch, arm-jax"], row["train loss, PyTorch"]) == ("1.600 / 0.620", "1.600 / 0.590")
+    assert (row["validation accuracy per epoch, arm-jax"], row["validation accuracy, PyTorch"]) == \
+        ("0.610 / 0.860", "0.605 / 0.850")
+    assert row["verdict"] == "together" and row["machine"] == results_table.cpu()
+    page = tmp_path / "README.md"
+    page.write_text((REPO / "scripts" / "README.md").read_text())
+    for _ in range(2):  # measured twice on one machine: one row
+        results_table.write_rows(page, "compare_training", [row])
+    table = page.read_text().split("<!-- results: compare_training -->\n")[1].split("<!-- /results")[0]
+    assert sum(row["machine"] in line and row["run"] in line
+               for line in table.splitlines()) == 1
+
+
 # ---- the PyTorch recipe against arm-jax's transforms ------------------------------------------
 
 def test_recipe_preprocessing_matches_arm_jax_and_augmentations_follow_the_reference(rng):

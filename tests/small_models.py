@@ -116,10 +116,11 @@ class TinyARM(nn.Module):
         return logits.astype(jnp.promote_types(self.param_dtype, jnp.float32))
 
 
-def tiny_arm_variables(model: TinyARM, seed: int = 0) -> dict:
+def tiny_arm_variables(model: TinyARM, seed=0) -> dict:
     """Fresh variables for `model` as numpy arrays: kernels He-normal, BatchNorm at (1, 0) with
-    statistics (0, 1), alpha 1, a zero running GAR. Drawn in numpy for the shapes jax.eval_shape
-    gives: a compiled `init` spends ~15 s of CPU compiling its threefry draws (jaxlib 0.10, CPU)."""
+    statistics (0, 1), alpha 1, a zero running GAR. Drawn in numpy (`seed`: anything
+    np.random.default_rng takes) for the shapes jax.eval_shape gives: a compiled `init` spends
+    ~15 s of CPU compiling its threefry draws (jax 0.10 on the CPU, jax_threefry_partitionable)."""
     rng = np.random.default_rng(seed)
     x = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
     shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)

@@ -1,5 +1,6 @@
 """The training loop in the fast tier: train() as users call it, with the model it builds swapped for
-tests/small_models.TinyARM (ARMResNet18's blocks and fields, small), so a run compiles in seconds.
+tests/small_models.TinyARM (ARMResNet18's blocks and fields, small) and that model's fresh variables
+drawn in numpy (tiny_arm_variables), so a run compiles in seconds.
 
 Checked: which checkpoints are kept as latest and as best (validation WA scripted per epoch, as in
 test_train's slow version), the log, a run against a hand-written loop over the same batches (data
@@ -20,7 +21,7 @@ import pytest
 
 from arm_jax.data.pipeline import make_loader, read_through
 from arm_jax.data.splits import open_split
-from arm_jax.interop.pretrained import init_variables
+from arm_jax.interop import pretrained
 from arm_jax.models.resnet import largest_activation_bytes
 from arm_jax.training import loop
 from arm_jax.training.checkpoints import read_model_info
@@ -29,7 +30,7 @@ from arm_jax.training.optim import make_optimizer
 from arm_jax.training.parallel import make_parallel
 from arm_jax.training.state import TrainState
 from arm_jax.training.steps import make_eval_step, make_train_step
-from tests.small_models import TinyARM
+from tests.small_models import TinyARM, tiny_arm_variables
 from tests.test_steps import _conv_operand_dtypes
 
 # 16 training images / batch 8 = 2 steps an epoch, 4 epochs; 12 validation images = a batch of 8
@@ -43,10 +44,19 @@ SCRIPTED_WA = (0.2, 0.6, 0.6, 0.5)
 SCRIPTED_LOSS = (2.0, 1.9, 1.8, 1.7)
 
 
+def _fresh_variables(model, key, weights=None) -> dict:
+    """init_variables for TinyARM, drawn in numpy from the key's bits (a compiled init would spend
+    ~15 s of CPU compiling its random draws; interop.pretrained's own tests run the real one)."""
+    assert weights is None
+    with jax.ensure_compile_time_eval():  # a resume calls it inside jax.eval_shape: the key is concrete
+        seed = np.asarray(jax.random.key_data(key)).tolist()
+    return tiny_arm_variables(model, seed=seed)
+
+
 @contextlib.contextmanager
 def small_model_and_scripted_validation(real: dict | None = None):
-    """train() builds TinyARM; validation runs for real (its result, by epoch, goes into `real`)
-    and reports SCRIPTED_WA / SCRIPTED_LOSS for that epoch."""
+    """train() builds TinyARM (fresh variables from _fresh_variables); validation runs for real (its
+    result, by epoch, goes into `real`) and reports SCRIPTED_WA / SCRIPTED_LOSS for that epoch."""
     real_validate = loop.validate
 
     def scripted(run, state, *batches):
@@ -58,6 +68,7 @@ def small_model_and_scripted_validation(real: dict | None = None):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(loop, "ARMResNet18", TinyARM)
+        patch.setattr(pretrained, "init_variables", _fresh_variables)  # loop._setup imports it when called
         patch.setattr(loop, "validate", scripted)
         yield
 
@@ -137,7 +148,7 @@ def test_trains_as_a_hand_written_loop_over_the_same_batches(small_run):
     train_step = par.compile_train(make_train_step(model, tx, image_size=config.image_size),
                                    largest_intermediate_bytes=largest_activation_bytes(8, config.image_size))
     evaluate = jax.jit(make_eval_step(model, image_size=config.image_size))
-    state = par.put_state(jax.tree.map(np.asarray, TrainState.create(init_variables(model, init_key), tx)))
+    state = par.put_state(jax.tree.map(np.asarray, TrainState.create(_fresh_variables(model, init_key), tx)))
     records = _records(workdir)
     common = dict(batch_size=8, seed=data_seed, image_size=config.image_size, shard_index=0, shard_count=1)
     for epoch in range(config.epochs):

@@ -147,7 +147,7 @@ def _setup(dtype):
     return model, tx, TrainState.create(variables, tx), batch
 
 
-@pytest.mark.slow  # fast tier: the training step compiled and run at 96 px (69 s under load)
+@pytest.mark.slow  # the full model compiled and run at 96 px (69 s under load); fast: the TinyARM tests above
 def test_train_step_lowers_the_loss_on_a_fixed_batch():
     model, tx, state, batch = _setup(jnp.float32)
     step = jax.jit(make_train_step(model, tx, image_size=SIZE))
@@ -185,7 +185,7 @@ def _conv_operand_dtypes(jaxpr) -> list[set]:
     return found
 
 
-@pytest.mark.slow  # fast tier: the bf16 training step compiled and traced at 96 px (82 s under load)
+@pytest.mark.slow  # the full bf16 step compiled at 96 px (82 s under load); fast: the bf16 tests below
 def test_bfloat16_computes_in_bf16_and_keeps_float32_state():
     model, tx, state, batch = _setup(jnp.bfloat16)
     new, metrics = jax.jit(make_train_step(model, tx, image_size=SIZE))(state, batch, jax.random.key(1))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from arm_jax.data.transforms import preprocess_batch
-from arm_jax.inference.metrics import confusion_matrix
+from arm_jax.metrics import confusion_matrix
 from arm_jax.interop.pretrained import init_variables
 from arm_jax.models import ARMResNet18
 from arm_jax.training.config import TrainConfig

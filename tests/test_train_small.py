@@ -5,8 +5,8 @@ drawn in numpy (tiny_arm_variables), so a run compiles in seconds.
 Checked: which checkpoints are kept as latest and as best (validation WA scripted per epoch, as in
 test_train's slow version), the log, a run against a hand-written loop over the same batches (data
 order, lr schedule, step key, the epoch's sums, validation), resume mid-epoch and after an epoch's
-end, a bf16 run's state and convolutions, and a Subset's image/label pairs. The full-model versions
-are test_train's and test_train_options' slow tests.
+end, and a bf16 run's state and convolutions (a Subset's image/label pairs: test_sources). The
+full-model versions are test_train's and test_train_options' slow tests.
 """
 
 import contextlib
@@ -19,6 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from arm_jax.data.base import Subset
 from arm_jax.data.pipeline import make_loader, read_through
 from arm_jax.data.splits import open_split
 from arm_jax.interop import pretrained
@@ -140,8 +141,8 @@ def test_trains_as_a_hand_written_loop_over_the_same_batches(small_run):
     workdir, _, real = small_run
     config = TrainConfig(**SMALL)
     init_key, data_seed, step_key = loop._keys(config.seed)  # the loop's seeding
-    train_split = loop.Subset(open_split("synthetic", None, "train"), config.max_train_examples, config.seed)
-    val_split = loop.Subset(open_split("synthetic", None, "val"), config.max_eval_examples, config.seed)
+    train_split = Subset(open_split("synthetic", None, "train"), config.max_train_examples, config.seed)
+    val_split = Subset(open_split("synthetic", None, "val"), config.max_eval_examples, config.seed)
     model = TinyARM(num_classes=7, image_size=config.image_size)
     tx = make_optimizer(config, STEPS_PER_EPOCH)
     par = make_parallel("none")
@@ -217,15 +218,3 @@ def test_a_bfloat16_run_starts_from_float32_state_and_steps_in_bf16(tmp_path):
     finally:
         run.ckpt.close()
 
-
-def test_a_subset_pairs_each_image_with_its_own_label():
-    """--max-train-examples' Subset: record i is record indices[i] of the split, image and label,
-    in the split's order; another seed draws other records."""
-    base = open_split("synthetic", None, "val")
-    subset = loop.Subset(base, 12, seed=0)
-    assert len(subset) == 12 and np.all(np.diff(subset.indices) > 0)
-    for i, index in enumerate(subset.indices):
-        record, original = subset[i], base[int(index)]
-        assert np.array_equal(record["image"], original["image"]) and record["label"] == original["label"]
-        assert subset.labels[i] == base.labels[index]
-    assert not np.array_equal(loop.Subset(base, 12, seed=1).indices, subset.indices)

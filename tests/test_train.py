@@ -1,6 +1,6 @@
 """The training loop: config checks, exact resume (epoch boundary and SIGTERM mid-epoch),
 NaN stop, and an end-to-end run on the synthetic faces (`trained_workdir`, reused by the
-evaluate/predict tests)."""
+evaluate/predict tests). The fast tier's versions, on a small model: tests/test_train_small.py."""
 
 import json
 import os

@@ -312,8 +312,8 @@ def test_trains_well_above_chance_on_synthetic_faces(trained_workdir):
     records = [json.loads(x) for x in (trained_workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
     assert records[-1]["train_loss"] < records[0]["train_loss"]
-    best = max(r["val_wa"] for r in records)
-    assert best >= E2E_MIN_ACCURACY, records
+    print(f"val WA after each epoch: {[r['val_wa'] for r in records]}")
+    assert max(r["val_wa"] for r in records) >= E2E_MIN_ACCURACY, records
     arch, names, _ = load_model_from_checkpoint(trained_workdir, which="best")
     assert arch["num_classes"] == 7 and len(names) == 7 and arch["image_size"] == 96
 

@@ -9,7 +9,8 @@ import click
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.argument("output", type=click.Path(path_type=Path))
 @click.option("--stablehlo", is_flag=True,
-              help="Also write OUTPUT with the suffix .stablehlo (jax.export, batch symbolic, weights inside).")
+              help="Also write OUTPUT with the suffix .stablehlo (jax.export for CPU, CUDA, ROCm and TPU, "
+                   "batch symbolic, weights inside).")
 def export(checkpoint, output, stablehlo):
     """An ONNX model (uint8 RGB images in, logits and probabilities out, running GAR built in) of CHECKPOINT.
 

@@ -17,6 +17,7 @@ COMMANDS = {
     "prepare": "cli.data:prepare",
     "convert": "cli.convert:convert",
     "export": "cli.export:export",
+    "serve": "cli.serve:serve",
 }
 
 

@@ -21,6 +21,8 @@ from PIL import Image
 from arm_jax.data import pipeline, sampling, transforms
 from arm_jax.data.base import decode_image
 
+import results_table  # scripts/, beside this file
+
 CLASSES = ("surprise", "fear", "disgust", "happiness", "sadness", "anger", "neutral")
 
 
@@ -118,17 +120,22 @@ def main():
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--workers", default="0,1,2")
+    results_table.add_option(parser)
     args = parser.parse_args()
     workers = [int(w) for w in args.workers.split(",")]
     print(f"os.cpu_count() = {os.cpu_count()}; {args.records} records per epoch, "
           f"batch {args.batch_size}, image_size {args.image_size}; "
           f"load average {os.getloadavg()[0]:.1f} (other processes share these cores)")
+    stamp, run = results_table.stamp(), f"{args.records} records, batch {args.batch_size}, {args.image_size} px"
+    cost_rows, rate_rows = [], []
     with tempfile.TemporaryDirectory() as folder:
         splits = make_splits(args.records, Path(folder))
         print("\nCPU us per record on the host:")
         for split in splits:
             costs = host_costs(split, args.image_size)
             print(f"  {split.name}: " + ", ".join(f"{k} {v:.0f}" for k, v in costs.items()))
+            cost_rows.append({**stamp, "run": f"{split.name}, {args.image_size} px",
+                              **{f"{k.split(' to ')[0]} us": f"{v:.0f}" for k, v in costs.items()}})
         print("\n| input | resize_on | workers | bytes/image | start-up s | images/s total "
               "| images/s per worker | images per CPU-s of the main process |\n"
               "|---|---|---|---|---|---|---|---|")
@@ -140,7 +147,14 @@ def main():
                         image_size=args.image_size)
                     print(f"| {split.name} | {resize_on} | {w} | {nbytes} | {startup:.1f} "
                           f"| {rate:.0f} | {rate / max(w, 1):.0f} | {cpu_rate:.0f} |", flush=True)
+                    rate_rows.append({**stamp, "run": run, "input": split.name, "resize on": resize_on,
+                                      "workers": str(w), "images/s": f"{rate:,.0f}",
+                                      "images/s per worker": f"{rate / max(w, 1):,.0f}",
+                                      "start-up s": f"{startup:.1f}"})
         print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+    if args.markdown:
+        results_table.write_rows(args.markdown, "benchmark_data host", cost_rows)
+        results_table.write_rows(args.markdown, "benchmark_data", rate_rows)
 
 
 if __name__ == "__main__":

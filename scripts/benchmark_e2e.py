@@ -28,6 +28,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))  # benchmark_model (which adds tests/, the PyTorch model)
 
+import results_table  # noqa: E402  (scripts/)
+
 
 def torch_images_per_s(variant: str, args) -> float:
     """Median training images/s of the PyTorch ARM-ResNet-18 ('float32' NCHW or 'float32-cl'):
@@ -64,6 +66,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--torch-steps", type=int, default=8)
+    results_table.add_option(parser)
     args = parser.parse_args()
     import torch
 
@@ -73,12 +76,15 @@ def main() -> None:
           f"epoch {args.epochs} of {args.epochs}; torch {torch.__version__}, {os.cpu_count()} threads; "
           f"1-min load {os.getloadavg()[0]:.2f}")
     ratios = {v: [] for v in variants}
+    ours_per_round, nchw_per_round = [], []
     for round_ in range(1, args.rounds + 1):
         before = {v: torch_images_per_s(v, args) for v in variants}
         ours, records = arm_jax_images_per_s(args)
         after = {v: torch_images_per_s(v, args) for v in variants}
         epochs = ", ".join(f"{r['images_per_s']:.1f}" for r in records)
         print(f"round {round_}: arm-jax train epoch {args.epochs}: {ours:.1f} images/s (epochs: {epochs})")
+        ours_per_round.append(f"{ours:.1f}")
+        nchw_per_round.append(f"{before['float32']:.1f} / {after['float32']:.1f}")
         for v in variants:
             bracket = (before[v] + after[v]) / 2
             ratios[v].append(ours / bracket)
@@ -88,6 +94,18 @@ def main() -> None:
         print(f"ratio arm-jax end to end / PyTorch {v} step: median {statistics.median(ratios[v]):.2f} "
               f"over {args.rounds} round(s)")
     print(f"1-min load {os.getloadavg()[0]:.2f} at the end")
+    if args.markdown:
+        def per_round(values):
+            return ", ".join(f"{v:.2f}" for v in values) + f" (median {statistics.median(values):.2f})"
+
+        row = {**results_table.stamp(),
+               "run": f"synthetic, {args.image_size} px, batch {args.batch_size}, {args.workers} workers, "
+                      f"epoch {args.epochs} of {args.epochs}",
+               "arm-jax images/s per round": ", ".join(ours_per_round),
+               "PyTorch NCHW images/s before / after": ", ".join(nchw_per_round),
+               "arm-jax / NCHW": per_round(ratios["float32"]),
+               "arm-jax / channels_last": per_round(ratios["float32-cl"])}
+        results_table.write_rows(args.markdown, "benchmark_e2e", [row])
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ from arm_jax.interop.export import build_onnx, jax_inference_fn  # noqa: E402
 from tests.small_models import small_model  # noqa: E402
 from tests.torch_reference import TorchARMResNet18  # noqa: E402
 
+import results_table  # noqa: E402  (scripts/, beside this file)
+
 
 def contenders(size: int, batch: int):
     """name -> a callable running one forward pass of `batch` images, blocking until done."""
@@ -54,10 +56,12 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--rounds", type=int, default=5)
+    results_table.add_option(parser)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"forward, {args.image_size} px, float32; onnxruntime {onnxruntime.__version__}, jax {jax.__version__}, "
           f"PyTorch {torch.__version__} ({torch.get_num_threads()} threads); {os.cpu_count()} CPU cores")
+    stamp, rows = results_table.stamp(), []
     for batch in map(int, args.batches.split(",")):
         runners = contenders(args.image_size, batch)
         for run in runners.values():  # compile / warm up
@@ -70,8 +74,13 @@ def main() -> None:
                 run()
                 times[name].append(time.perf_counter() - start)
         load = os.getloadavg()[0]
-        for name, measured in times.items():
-            print(f"batch {batch:3d}  {name:20s} {batch / float(np.median(measured)):8.1f} images/s  (load {load:.1f})")
+        rates = {name: batch / float(np.median(measured)) for name, measured in times.items()}
+        for name, rate in rates.items():
+            print(f"batch {batch:3d}  {name:20s} {rate:8.1f} images/s  (load {load:.1f})")
+        rows.append({**stamp, "run": f"forward, {args.image_size} px, batch {batch}", "load average": f"{load:.1f}",
+                     **{f"{name} images/s": f"{rate:.1f}" for name, rate in rates.items()}})
+    if args.markdown:
+        results_table.write_rows(args.markdown, "benchmark_export", rows)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import results_table  # noqa: E402  (scripts/, beside this file)
+
 
 def measure(args) -> dict:
     import arm_jax  # noqa: F401  (XLA flags before jax starts)
@@ -88,6 +90,7 @@ def main() -> None:
     parser.add_argument("--train-examples", type=int, default=640)
     parser.add_argument("--eval-examples", type=int, default=320)
     parser.add_argument("--json", type=Path, help="also write the numbers here")
+    results_table.add_option(parser)
     args = parser.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     load = os.getloadavg()[0]
@@ -106,6 +109,15 @@ def main() -> None:
               f"{b['overhead_s']:>25.3f}  {b['epoch_end_s']:>20.3f}, {b['first_batch_wait_s']:.3f}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
+    if args.markdown:
+        row = {**results_table.stamp(),
+               "run": f"{args.image_size} px, batch {args.batch_size}, {args.workers} workers, {args.epochs} epochs, "
+                      f"{args.train_examples} / {args.eval_examples} examples",
+               "batch wait share per epoch": ", ".join(f"{r['wait_share']:.1%}" for r in result["epochs"]),
+               "epoch boundaries s (without validation)": ", ".join(
+                   f"{b['from_epoch']} -> {b['from_epoch'] + 1}: {b['overhead_s']:.3f}" for b in result["boundaries"]),
+               "wall s": f"{result['wall_s']:.1f}"}
+        results_table.write_rows(args.markdown, "benchmark_loop", [row])
 
 
 if __name__ == "__main__":

@@ -41,7 +41,13 @@ from arm_jax.models import ARMResNet18  # noqa: E402
 from arm_jax.models.resnet import largest_activation_bytes  # noqa: E402
 from arm_jax.xla_flags import training_compiler_options  # noqa: E402
 
+import results_table  # noqa: E402  (scripts/, beside this file)
+
 NUM_CLASSES = 7
+# Column names in scripts/README.md's tables for the PyTorch variants.
+TORCH_LABELS = {"float32": "NCHW", "float32-cl": "channels_last", "amp-bf16": "AMP bf16",
+                "compile-amp-bf16": "torch.compile AMP bf16"}
+MODE_LABELS = {"forward": "forward", "train": "training step"}
 
 
 def jax_runner(mode: str, batch: int, size: int, dtype_name: str):
@@ -290,7 +296,13 @@ def stage_runners(batch: int, size: int, torch_variants: list[str]) -> dict[str,
     return found
 
 
-def stage_breakdown(args, size: int, variants: list[str]) -> None:
+def label(contender: str) -> str:
+    """A contender's column name in scripts/README.md ('PyTorch float32-cl' -> 'PyTorch channels_last')."""
+    framework, _, variant = contender.partition(" ")
+    return f"PyTorch {TORCH_LABELS[variant]}" if framework == "PyTorch" else contender
+
+
+def stage_breakdown(args, size: int, variants: list[str]) -> dict[str, dict[str, float]]:
     """Per stage of the model, forward pass in inference mode, ms per batch, interleaved."""
     print(f"per stage, forward (inference mode), ms, {size}x{size}, batch {args.batch} "
           f"(load {os.getloadavg()[0]:.2f})")
@@ -301,17 +313,28 @@ def stage_breakdown(args, size: int, variants: list[str]) -> None:
     names = list(rows)
     head = {n: rows[names[-1]][n] - rows[names[-2]][n] for n in rows[names[-1]]}
     print(f"  {'head (ARM, fc): whole - backbone':36s} " + "  ".join(f"{n} {v:7.1f}" for n, v in head.items()))
+    return {**rows, "head (ARM, fc): whole - backbone": head}
 
 
-def layer_breakdown(args) -> None:
+def layer_breakdown(args) -> list[dict[str, str]]:
     """Per conv layer of ResNet-18, ms per batch, interleaved; then the whole model, and what
-    it spends outside its convs (BatchNorm, ReLU, residual adds, max pool, ARM, loss, Adam)."""
+    it spends outside its convs (BatchNorm, ReLU, residual adds, max pool, ARM, loss, Adam).
+    Returns the rows of scripts/README.md's table (one per part)."""
     variants = [v for _, (framework, v) in contenders(args).items() if framework == "torch"]
     what = {"forward": "forward (inference mode)", "train": "forward + both gradients"}
+    names = [n for n in contenders(args) if n == "arm-jax float32" or n.startswith("PyTorch")]
+    stamp, table = results_table.stamp(), []
+
+    def record(run: str, part: str, ms: dict[str, float]) -> None:
+        table.append({**stamp, "run": run, "part": part,
+                      **{f"{label(n)} ms": f"{ms[n]:.1f}" if n in ms else "-" for n in names}})
+
     for size in args.image_size:
         for mode in args.modes:
+            run = f"{what[mode]}, {size} px, batch {args.batch}"
             if mode == "forward":
-                stage_breakdown(args, size, variants)
+                for part, ms in stage_breakdown(args, size, variants).items():
+                    record(run, part, ms)
             convs: dict[str, float] = {}
             print(f"per conv layer, {what[mode]}, ms, {size}x{size}, batch {args.batch} "
                   f"(load {os.getloadavg()[0]:.2f})")
@@ -322,13 +345,33 @@ def layer_breakdown(args) -> None:
                 for name, value in ms.items():
                     convs[name] = convs.get(name, 0.0) + conv[1] * value
                 print(f"  {conv[0]:28s} x{conv[1]}  " + "  ".join(f"{n} {v:7.1f}" for n, v in ms.items()))
+                record(run, f"{conv[0]} x{conv[1]} (each)", ms)
             whole = {name: 1e3 / rate for name, rate in interleaved_rates(
                 build_runners(args, mode, size), 1, args.rounds, args.warmup, 1).items()}
             if not whole:
                 continue
-            for label, values in (("all convs (x count)", convs), ("whole model", whole),
-                                  ("outside the convs", {n: whole[n] - convs[n] for n in whole})):
-                print(f"  {label:32s} " + "  ".join(f"{n} {values[n]:7.1f}" for n in whole))
+            for part, values in (("all convs (x count)", convs), ("whole model", whole),
+                                 ("outside the convs", {n: whole[n] - convs[n] for n in whole})):
+                print(f"  {part:32s} " + "  ".join(f"{n} {values[n]:7.1f}" for n in whole))
+                record(run, part, values)
+    return table
+
+
+def summary_rows(args, results: list[dict]) -> list[dict[str, str]]:
+    """scripts/README.md's rows: images/s per contender and arm-jax / each PyTorch variant."""
+    names = list(contenders(args))
+    stamp, rows = results_table.stamp(), []
+    for result in results:
+        rates = result["images_per_s"]
+        ours = next((rates[n] for n in names if n.startswith("arm-jax") and n in rates), None)
+        row = {**stamp, "run": f"{MODE_LABELS[result['mode']]}, {result['image_size']} px, batch {args.batch}",
+               "load average": "{:.2f} -> {:.2f}".format(*result["load_average"])}
+        row.update({label(n): f"{rates[n]:.1f}" if n in rates else "-" for n in names})
+        for n in (n for n in names if n.startswith("PyTorch")):
+            ratio = ours / rates[n] if ours and n in rates else None
+            row[f"arm-jax / {TORCH_LABELS[n.split(' ', 1)[1]]}"] = f"{ratio:.2f}" if ratio else "-"
+        rows.append(row)
+    return rows
 
 
 def main() -> None:
@@ -347,6 +390,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--layers", action="store_true", help="per conv layer, then the whole model and its time outside the convs "
                              "(CPU, float32; --modes picks forward and/or train) instead")
+    results_table.add_option(parser)
     args = parser.parse_args()
     inner = args.inner or (10 if args.device == "gpu" else 1)
     header = {
@@ -364,7 +408,9 @@ def main() -> None:
         header.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
     print("; ".join(f"{k}={v}" for k, v in header.items()))
     if args.layers:
-        layer_breakdown(args)
+        rows = layer_breakdown(args)
+        if args.markdown and rows:
+            results_table.write_rows(args.markdown, "benchmark_model layers", rows, key=("machine", "run"))
         return
     results = []
     for size in args.image_size:
@@ -389,6 +435,10 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({**header, "results": results}, indent=1))
+    if args.markdown:
+        machine = None if args.device == "cpu" else f"{header['jax_device']} (host: {results_table.cpu()})"
+        rows = [{**row, "machine": machine or row["machine"]} for row in summary_rows(args, results)]
+        results_table.write_rows(args.markdown, f"benchmark_model {args.device}", rows)
 
 
 if __name__ == "__main__":

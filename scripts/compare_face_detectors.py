@@ -9,6 +9,7 @@ are found alone, how many missed, how many non-faces get a box. Needs
 opencv-python-headless<5 (Haar cascades) and scikit-image.
 """
 
+import argparse
 import time
 
 import cv2
@@ -16,6 +17,8 @@ import numpy as np
 from PIL import Image
 from skimage import data
 from skimage.feature import Cascade
+
+import results_table  # scripts/, beside this file
 
 
 def lfw_subset() -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -64,6 +67,9 @@ def gray3(image: np.ndarray) -> np.ndarray:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    results_table.add_option(parser)
+    args = parser.parse_args()
     detectors = {"haar frontalface_alt2": haar("haarcascade_frontalface_alt2.xml"),
                  "haar frontalface_default": haar("haarcascade_frontalface_default.xml"),
                  "haar frontalface_alt": haar("haarcascade_frontalface_alt.xml"),
@@ -72,6 +78,7 @@ def main() -> None:
                "hubble_deep_field": data.hubble_deep_field(), "horse": gray3(data.horse()),
                "coins": gray3(data.coins()), "immunohistochemistry": data.immunohistochemistry()}
     faces, non_faces = lfw_subset()
+    stamp, rows = results_table.stamp(), []
     for name, detect in detectors.items():
         start = time.perf_counter()
         astronaut = detect(data.astronaut())
@@ -84,6 +91,15 @@ def main() -> None:
         print(f"{name:25s} astronaut {astronaut} ({1000 * elapsed:.0f} ms); camera {camera}; "
               f"faces on no-face photos {false or 0}; LFW: {alone}/100 found alone, {missed} missed, "
               f"{wrong}/100 non-faces with a box")
+        rows.append({"detector": name, "astronaut (1 face): boxes (left, top, width, height)":
+                     " ".join(map(str, astronaut)) or "none",
+                     "cameraman (1 face, three-quarter view): boxes": str(len(camera)),
+                     "faces on 7 photos without one": ", ".join(f"{n} on {p}" for p, n in false.items()) or "0",
+                     "LFW: 100 faces found alone / missed": f"{alone} / {missed}",
+                     "LFW: 100 non-faces with a box": str(wrong), **stamp})
+    if args.markdown:
+        # The counts do not depend on the machine: one row per detector, stamped with the last run.
+        results_table.write_rows(args.markdown, "compare_face_detectors", rows, key=("detector",))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import results_table  # noqa: E402  (scripts/, beside this file)
+
 FULL = {"device": "gpu", "batch": 256, "image_size": 224, "train_batch": 256, "rounds": 5,
         "benchmark_timeout_s": 330, "max_train_examples": None}
 SMOKE = {"device": "cpu", "batch": 2, "image_size": 48, "train_batch": 4, "rounds": 1,
@@ -54,8 +56,9 @@ def environment() -> dict:
     return info
 
 
-def run_benchmark(sizes: dict, out_dir: Path, smoke: bool) -> dict:
-    """scripts/benchmark_model.py in a subprocess (its own JAX/PyTorch memory), results from its --json."""
+def run_benchmark(sizes: dict, out_dir: Path, smoke: bool, markdown: Path | None = None) -> dict:
+    """scripts/benchmark_model.py in a subprocess (its own JAX/PyTorch memory), results from its --json
+    (and, given `markdown`, its rows in that file's `benchmark_model gpu` table)."""
     target = out_dir / "benchmark_model.json"
     command = [sys.executable, str(REPO / "scripts" / "benchmark_model.py"), "--device", sizes["device"],
                "--batch", str(sizes["batch"]), "--image-size", str(sizes["image_size"]),
@@ -63,7 +66,7 @@ def run_benchmark(sizes: dict, out_dir: Path, smoke: bool) -> dict:
     if smoke:  # as little compiling as possible: arm-jax float32 forward only
         command += ["--dtype", "float32", "--modes", "forward", "--no-torch", "--warmup", "1", "--inner", "1"]
     else:
-        command += ["--dtype", "bfloat16", "float32"]
+        command += ["--dtype", "bfloat16", "float32"] + (["--markdown", str(markdown.resolve())] if markdown else [])
     started = time.perf_counter()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=sizes["benchmark_timeout_s"], cwd=REPO)
@@ -112,6 +115,7 @@ def main() -> None:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, seconds")
     parser.add_argument("--workers", type=int, default=None, help="default: cores - 2, at most 16 (smoke: 1)")
+    results_table.add_option(parser)
     args = parser.parse_args()
     sizes = SMOKE if args.smoke else FULL
     if args.smoke:
@@ -124,13 +128,23 @@ def main() -> None:
     workers = args.workers if args.workers is not None else (1 if args.smoke else max(1, min(16, (os.cpu_count() or 2) - 2)))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     report = {"smoke": args.smoke, "environment": environment()}
-    report["benchmark"] = run_benchmark(sizes, args.out_dir, args.smoke)
+    report["benchmark"] = run_benchmark(sizes, args.out_dir, args.smoke, args.markdown)
     report["training"] = run_training(sizes, args.out_dir, workers)
     report["load_average_end"] = os.getloadavg()
     (args.out_dir / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
     print(json.dumps({k: report[k] for k in ("training",)}, indent=1, default=str))
     print(report["benchmark"].get("stdout", report["benchmark"].get("error")))
     print(f"wrote {args.out_dir / 'gpu_check.json'}")
+    if args.markdown:
+        training = report["training"]
+        device = report["environment"]["jax_devices"][0]
+        row = {**results_table.stamp(f"{device} (host: {results_table.cpu()})"),
+               "run": "synthetic, {image_size} px, batch {batch_size}, {dtype}, {worker_count} workers, "
+                      "{epochs} epoch".format(**training["config"]) + (" (--smoke)" if args.smoke else ""),
+               "steady images/s": f"{training['steady_images_per_s'] or float('nan'):.1f}",
+               "input wait share": f"{training['input_wait_share'] or float('nan'):.1%}",
+               "validation s": f"{training['validation_s']:.1f}"}
+        results_table.write_rows(args.markdown, "gpu_check", [row])
 
 
 if __name__ == "__main__":

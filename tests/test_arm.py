@@ -225,10 +225,10 @@ def test_bfloat16_computation_keeps_float32_parameters():
 @pytest.mark.parametrize("stride", [1, 2])
 def test_conv_matmul_path_equals_xla_conv(stride):
     """The im2col path used for XLA:CPU's slow 2x2-map case computes the same convolution."""
-    from arm_jax.models.resnet import _conv_as_matmul
+    from arm_jax.models.conv import patches_matmul_conv
 
     x = jax.random.normal(jax.random.key(0), (3, 2 * stride, 2 * stride, 128))
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 128, 16))
     pads = ((1, 1), (1, 1))
     reference = jax.lax.conv_general_dilated(x, kernel, (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    np.testing.assert_allclose(_conv_as_matmul(x, kernel, stride, pads), reference, atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(patches_matmul_conv(x, kernel, stride, 1), reference, atol=1e-4, rtol=1e-5)

@@ -180,6 +180,33 @@ def test_calibrated_gar_is_the_mean_of_the_batch_gars(authors_checkpoint):
     assert calibrated.gar_calibrated and not loaded.gar_calibrated
 
 
+def test_calibration_stopped_by_unreadable_images_closes_its_loader(tmp_path, rng):
+    """Training images that are gone when calibration reads them stop it early with a DatasetError,
+    whose traceback (which a caller such as a notebook keeps) holds the loader's iterators:
+    they must be closed, not left open for as long as the traceback lives."""
+    import grain
+
+    from arm_jax.data.base import FileSplit
+    from arm_jax.errors import DatasetError
+    from tests.fixtures import write_image
+    from tests.small_models import small_model
+
+    names = [f"face{i}.png" for i in range(16)]
+    for name in names:
+        write_image(tmp_path / name, rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    split = FileSplit("faces/train", CLASS_NAMES, np.arange(16) % 7, tmp_path, names, "RGB")
+    for name in names[1:15]:  # most gone after the split was opened (a folder cleaned meanwhile); the
+        if name not in ("face5.png", "face10.png"):  # ones make_loader decodes for their size remain
+            (tmp_path / name).unlink()
+    with pytest.raises(DatasetError, match="cannot be decoded") as stopped:
+        calibrate_gar(small_model(64, calibrated=False), split, batch_size=8, progress=False)
+    gc.collect()
+    # grain's iterators mark themselves closed (`_closed`); an open one keeps its buffers and workers.
+    left_open = [type(item).__name__ for item in gc.get_objects()
+                 if isinstance(item, grain.DatasetIterator) and not getattr(item, "_closed", True)]
+    assert stopped.traceback and left_open == []
+
+
 def test_calibrate_command_writes_the_gar_at_the_given_batch_size(authors_checkpoint, tmp_path):
     """`arm-jax calibrate --batch-size B` stores the GAR that calibration at batch B computes."""
     path, _ = authors_checkpoint

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from arm_jax.inference.metrics import (confusion_matrix, per_class_accuracy, summarize,
+from arm_jax.metrics import (confusion_matrix, per_class_accuracy, summarize,
                              unweighted_accuracy, weighted_accuracy)
 
 

@@ -243,3 +243,22 @@ def test_only_variable_size_data_sets_are_decoded_to_the_model_size():
     assert decode_size_hint("raf_db", 224) is None and decode_size_hint("fer2013_folder", 224) is None
     assert decode_size_hint("affectnet7", 224) is None  # face crops, capped at CROP_MAX_SIDE
     assert decode_size_hint("folder", 112) == 112
+
+
+# --- Subset (--max-train-examples / --max-eval-examples) --------------------------------------
+
+def test_subset_draws_seeded_records_in_their_original_order():
+    from arm_jax.data.base import Subset
+    from arm_jax.data.synthetic import SyntheticSplit
+
+    base = SyntheticSplit("train", size=40)
+    subset = Subset(base, 12, seed=3)
+    assert len(subset) == 12 and subset.class_names == base.class_names
+    indices = subset.indices.tolist()
+    assert indices == sorted(set(indices)) and indices != list(range(12))  # drawn, distinct, in order
+    assert Subset(base, 12, seed=3).indices.tolist() == indices  # the seed decides
+    assert Subset(base, 12, seed=4).indices.tolist() != indices
+    for position, index in enumerate(indices):  # each record keeps its own image and label
+        np.testing.assert_array_equal(subset[position]["image"], base[index]["image"])
+        assert subset[position]["label"] == base[index]["label"]
+    assert len(Subset(base, 100, seed=3)) == 40  # at most the whole split

@@ -99,7 +99,7 @@ def test_parallel_pmap_through_train_resume_and_evaluate(tmp_path, first_step):
     from arm_jax.inference.evaluate import predict_split
     from arm_jax.interop.model_files import load_any_model
     from arm_jax.models import with_runtime
-    from arm_jax.training.loop import Subset
+    from arm_jax.data.base import Subset
 
     stopped = tmp_path / "stopped"
     _run(stopped, stop_at=1, parallel="pmap")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from arm_jax.data import transforms
+from arm_jax.data.base import resize_uint8
 
 
 def _rng(seed=0):
@@ -95,7 +96,7 @@ def test_bilinear_weights_match_jax_resize_up_and_down():
 @pytest.mark.parametrize("size", [7, 31])
 def test_pil_host_resize_matches_the_device_convention(size):
     image = _rng(7).integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    host = transforms.resize_uint8(image, size).astype(np.float32)
+    host = resize_uint8(image, size).astype(np.float32)
     device = np.asarray(jax.image.resize(image.astype(np.float32), (size, size, 3), "bilinear"))
     assert np.abs(host - device).max() <= 1.0  # uint8 rounding only
 

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from arm_jax.data import sampling, transforms
+from arm_jax.data.base import resize_uint8
 from arm_jax.errors import UserError
 
 SAMPLERS = ("shuffle", "mrr")
@@ -199,7 +200,7 @@ class StageImage:
         # Resize as few planes as possible: RGB -> gray before, gray -> RGB after.
         if image.shape[-1] > channels:
             image = transforms.to_channels(image, channels)
-        image = transforms.resize_uint8(image, height, width)
+        image = resize_uint8(image, height, width)
         return transforms.to_channels(image, channels)
 
 

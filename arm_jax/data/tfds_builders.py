@@ -3,7 +3,7 @@
 Each prepared copy is tied to its source: the builder config's name carries a fingerprint
 of the label/CSV files' bytes and of every image file's name, size and mtime, so a
 corrected source file gets a new config (prepared again), never stale data.
-Representation (measured, see the README): FER2013's pixels are stored raw (uint8 48x48x1
+Representation (measured, see scripts/README.md): FER2013's pixels are stored raw (uint8 48x48x1
 tensors); image-file data sets store each file's original JPEG/PNG bytes, decoded on access
 with the same decoder as the raw reader, so prepared and raw images are identical. AffectNet's
 CSV layout stores each row's face crop (capped at affectnet.CROP_MAX_SIDE) as PNG: lossless,

@@ -12,7 +12,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -102,27 +101,6 @@ def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
         return np.repeat(image, 3, axis=-1)
     luma = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
     return np.rint(luma)[:, :, None].astype(np.uint8)
-
-
-def resize_uint8(image: np.ndarray, height: int, width: int | None = None) -> np.ndarray:
-    """Bilinear resize (H, W, C) uint8 -> (height, width or height, C) uint8 with PIL.
-
-    PIL's BILINEAR uses half-pixel centres and widens the filter when downscaling: the
-    convention of jax.image.resize(..., 'bilinear', antialias=True), to within uint8 rounding,
-    and what the released code does (torchvision Resize on a PIL image). It is also several
-    times faster than a dense numpy resize for large images.
-    """
-    width = height if width is None else width
-    if image.shape[:2] == (height, width):
-        return image
-    if image.shape[-1] == 3:
-        resized = Image.fromarray(np.ascontiguousarray(image), "RGB").resize(
-            (width, height), Image.BILINEAR)
-        return np.asarray(resized)
-    planes = [np.asarray(Image.fromarray(np.ascontiguousarray(image[:, :, c]))
-                         .resize((width, height), Image.BILINEAR))
-              for c in range(image.shape[-1])]
-    return np.stack(planes, axis=-1)
 
 
 # ---- the resize convention, in numpy -----------------------------------------------------

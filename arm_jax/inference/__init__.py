@@ -1,1 +1,1 @@
-"""Inference: evaluation, prediction, GAR calibration, metrics and reports."""
+"""Inference: evaluation, prediction, GAR calibration and reports (the metrics are arm_jax.metrics)."""

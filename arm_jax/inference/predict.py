@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from arm_jax.data.base import resize_uint8
 from arm_jax.errors import UserError
 from arm_jax.inference.detection import Box, FaceDetector, crop_face, draw_faces
 from arm_jax.inference.video import VIDEO_SUFFIXES, VideoReader, VideoWriter
@@ -132,21 +133,34 @@ def image_files(inputs: list[str | Path]) -> list[Path]:
     return input_files(inputs, IMAGE_SUFFIXES)
 
 
+def upright_rgb(image: Image.Image) -> np.ndarray:
+    """An opened image as uint8 RGB, turned upright by its EXIF orientation (gray is replicated); decodes it."""
+    return np.asarray(ImageOps.exif_transpose(image).convert("RGB"), np.uint8)
+
+
 def read_rgb(path: Path) -> np.ndarray:
-    """An image file as uint8 RGB, turned upright by its EXIF orientation (gray is replicated)."""
+    """An image file as uint8 RGB, upright (upright_rgb)."""
     try:
         with Image.open(path) as image:
-            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"), np.uint8)
+            return upright_rgb(image)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise UserError(f"{path}: not a readable image ({error})") from None
 
 
+def face_at_size(image: np.ndarray, image_size: int) -> np.ndarray:
+    """An aligned face crop at the model's input size, resized as the training pipeline resizes."""
+    return resize_uint8(image, image_size)
+
+
 def read_face(path: Path, image_size: int) -> np.ndarray:
-    """An aligned face crop at the model's input size (PIL bilinear, as arm_jax.data.transforms.resize_uint8)."""
-    image = read_rgb(path)
-    if image.shape[:2] == (image_size, image_size):
-        return image
-    return np.asarray(Image.fromarray(image).resize((image_size, image_size), Image.BILINEAR))
+    """An aligned face crop file at the model's input size."""
+    return face_at_size(read_rgb(path), image_size)
+
+
+def crop_prediction(path: str, probabilities: np.ndarray, class_names: tuple[str, ...]) -> Prediction:
+    """The Prediction of one aligned crop from its row of class probabilities."""
+    label = int(probabilities.argmax())
+    return Prediction(path, label, class_names[label], {n: float(p) for n, p in zip(class_names, probabilities)})
 
 
 def predict(checkpoint: str | Path, inputs: list[str | Path], *, batch_size: int = 32) -> list[Prediction]:
@@ -161,9 +175,7 @@ def predict(checkpoint: str | Path, inputs: list[str | Path], *, batch_size: int
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
         probabilities = classifier.probabilities(np.stack([read_face(p, classifier.image_size) for p in chunk]))
-        for path, row in zip(chunk, probabilities):
-            label = int(row.argmax())
-            results.append(Prediction(str(path), label, names[label], {n: float(p) for n, p in zip(names, row)}))
+        results += [crop_prediction(str(path), row, names) for path, row in zip(chunk, probabilities)]
     return results
 
 

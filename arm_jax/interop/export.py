@@ -189,12 +189,18 @@ def jax_inference_fn(loaded: LoadedModel):
     return infer
 
 
+# Every platform jax.export lowers for, whatever machine exports: the model's per-platform forms
+# (models/per_platform.py) all go into the file, and the platform that compiles it keeps its own.
+STABLEHLO_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+
+
 def export_stablehlo(loaded: LoadedModel, path: Path) -> Path:
-    """The same function serialised with jax.export (weights inside, batch symbolic): jax.export.deserialize reads it."""
+    """The same function serialised with jax.export (weights inside, batch symbolic, lowered for
+    STABLEHLO_PLATFORMS): jax.export.deserialize reads it."""
     size = loaded.model.image_size
     (batch,) = jax.export.symbolic_shape("N")
     spec = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8)
-    exported = jax.export.export(jax.jit(jax_inference_fn(loaded)))(spec)
+    exported = jax.export.export(jax.jit(jax_inference_fn(loaded)), platforms=STABLEHLO_PLATFORMS)(spec)
     path.write_bytes(exported.serialize())
     return path
 

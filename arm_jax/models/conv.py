@@ -1,4 +1,7 @@
-"""NHWC/HWIO convolutions whose gradients XLA:CPU runs faster when written another way.
+"""NHWC/HWIO convolutions in the forms XLA:CPU runs fastest (`cpu_conv`), and the plain one.
+
+These forms are for programs compiled for the CPU only: `per_platform.conv` picks
+`cpu_conv` there and `plain_conv` elsewhere.
 
 XLA computes the input gradient of a stride-s convolution as one convolution
 over the output gradient dilated with s-1 zeros between pixels, and on CPU that
@@ -9,7 +12,8 @@ phases of the input gradient is a small stride-1 convolution of the output
 gradient with those taps, and the phases are interleaved back. The 1x1 stride-s
 projection's filter gradient is a plain matrix product. Forward passes are unchanged.
 Float64 convolutions, which XLA:CPU runs in a slow generic loop, are written as one matrix
-product of the stacked kernel-tap windows (`tap_matmul_conv`).
+product of the stacked kernel-tap windows (`tap_matmul_conv`), and so are convolutions over
+maps of at most 2x2 pixels (`patches_matmul_conv`).
 On the CPU each convolution's input passes through `materialized`, so that its filter
 gradient transposes a stored copy instead of recomputing the input inside the transpose.
 """
@@ -34,6 +38,36 @@ def materialized(x: jax.Array) -> jax.Array:
     changes no value: the gradients come out bitwise the same.
     """
     return jax.lax.optimization_barrier(x)
+
+
+def cpu_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    """`plain_conv`, written in the form XLA:CPU runs fastest for this dtype and map size."""
+    if x.dtype == jnp.float64:
+        # XLA:CPU has no library kernel for float64 convolutions (measured ~50x slower than
+        # float32); float64 checks (parity, multi-device equality) would spend minutes here.
+        return tap_matmul_conv(x, kernel, stride, padding)
+    if _tiny_map(x, kernel.shape[0]):
+        return patches_matmul_conv(x, kernel, stride, padding)
+    x = materialized(x)  # its filter gradient then transposes a stored copy
+    if stride > 1 and x.shape[1] >= 48:
+        # Measured on 2 cores: its gradients are faster on maps of 56 px (layer2_0 at 224), not 28 px.
+        return strided_conv(x, kernel, stride, padding)
+    return plain_conv(x, kernel, stride, padding)
+
+
+def _tiny_map(x: jax.Array, kernel_size: int) -> bool:
+    """XLA:CPU runs a 3x3 conv on a 2x2 map at ~1 GFLOP/s (70 elsewhere); layer4 hits it for 33-64 px inputs."""
+    return kernel_size > 1 and x.shape[1] * x.shape[2] <= 4 and x.shape[-1] >= 128
+
+
+def patches_matmul_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    """`plain_conv` as patches @ kernel (im2col): 40x faster for XLA:CPU's tiny-map case."""
+    k, _, in_channels, out_channels = kernel.shape
+    pads = ((padding, padding), (padding, padding))
+    patches = jax.lax.conv_general_dilated_patches(
+        x, (k, k), (stride, stride), pads, dimension_numbers=DIMENSIONS
+    )  # (N, h, w, C*k*k), channel-major: index c*k*k + i*k + j
+    return patches @ kernel.transpose(2, 0, 1, 3).reshape(in_channels * k * k, out_channels)
 
 
 def plain_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:

@@ -1,4 +1,5 @@
-"""Max pooling whose gradient XLA:CPU runs ~4-8x faster than `flax.linen.max_pool`'s.
+"""Max pooling whose gradient XLA:CPU runs ~4-8x faster than `flax.linen.max_pool`'s
+(`per_platform.max_pool` picks it where the program is compiled for the CPU).
 
 JAX differentiates `lax.reduce_window(max)` through select-and-gather over (value, index)
 pairs: on CPU that is a large iota, a second reduce-window and a scatter, ~215 ms of the

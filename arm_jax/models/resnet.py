@@ -6,9 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from arm_jax.models import per_platform
 from arm_jax.models.batchnorm import BatchNorm
-from arm_jax.models.conv import materialized, strided_conv, tap_matmul_conv
-from arm_jax.models.pooling import max_pool
 
 # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu") for every conv.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -22,7 +21,8 @@ class Conv(nn.Module):
 
     XLA's 'SAME' pads a stride-2 conv (2, 3) where PyTorch pads (3, 3): the
     outputs differ, so every padding here is written out as PyTorch's.
-    The parameter is named `kernel` and initialised as `nn.Conv` would.
+    The parameter is named `kernel` and initialised as `nn.Conv` would. How the
+    convolution is computed on each platform is `per_platform.conv`'s choice.
     """
 
     features: int
@@ -36,36 +36,7 @@ class Conv(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         k = self.kernel_size
         kernel = self.param("kernel", conv_init, (k, k, x.shape[-1], self.features), self.param_dtype)
-        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        pads = ((self.padding, self.padding), (self.padding, self.padding))
-        if x.dtype == jnp.float64 and jax.default_backend() == "cpu":
-            # XLA:CPU has no library kernel for float64 convolutions (measured ~50x slower than
-            # float32); float64 checks (parity, multi-device equality) would spend minutes here.
-            return tap_matmul_conv(x, kernel, self.stride, self.padding)
-        if _slow_on_xla_cpu(x, k):
-            return _conv_as_matmul(x, kernel, self.stride, pads)
-        if jax.default_backend() == "cpu":
-            x = materialized(x)  # its filter gradient then transposes a stored copy (conv.py)
-            if self.stride > 1 and x.shape[1] >= 48:
-                # Measured on 2 cores: its gradients are faster on maps of 56 px (layer2_0 at 224), not 28 px.
-                return strided_conv(x, kernel, self.stride, self.padding)
-        return jax.lax.conv_general_dilated(
-            x, kernel, (self.stride, self.stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )
-
-
-def _slow_on_xla_cpu(x: jax.Array, kernel_size: int) -> bool:
-    """XLA:CPU runs a 3x3 conv on a 2x2 map at ~1 GFLOP/s (70 elsewhere); layer4 hits it for 33-64 px inputs."""
-    return jax.default_backend() == "cpu" and kernel_size > 1 and x.shape[1] * x.shape[2] <= 4 and x.shape[-1] >= 128
-
-
-def _conv_as_matmul(x: jax.Array, kernel: jax.Array, stride: int, pads) -> jax.Array:
-    """The same convolution as patches @ kernel (im2col): 40x faster for XLA:CPU's slow case."""
-    k, _, in_channels, out_channels = kernel.shape
-    patches = jax.lax.conv_general_dilated_patches(
-        x, (k, k), (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )  # (N, h, w, C*k*k), channel-major: index c*k*k + i*k + j
-    return patches @ kernel.transpose(2, 0, 1, 3).reshape(in_channels * k * k, out_channels)
+        return per_platform.conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding)
 
 
 def conv(features: int, kernel: int, stride: int, padding: int, dtype: Any, param_dtype: Any, name: str) -> Conv:
@@ -124,7 +95,7 @@ class ResNet18Backbone(nn.Module):
         x = conv(64, 7, 2, 3, self.dtype, self.param_dtype, "conv1")(x.astype(self.dtype))
         x = BatchNorm(axis_name=self.axis_name, dtype=self.dtype, param_dtype=self.param_dtype, name="bn1")(x, train=train)
         x = nn.relu(x)
-        x = max_pool(x, 3, 2, 1)  # = nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1))), faster gradient
+        x = per_platform.max_pool(x, 3, 2, 1)
         for stage, width in enumerate(STAGE_WIDTHS, start=1):
             for block in range(BLOCKS_PER_STAGE):
                 stride = 2 if stage > 1 and block == 0 else 1

@@ -18,11 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from arm_jax.inference import metrics as metrics_lib
+from arm_jax import metrics as metrics_lib
 from arm_jax.training.checkpoints import Checkpoints
 from arm_jax.training.config import TrainConfig, check_resumable, save_config
 from arm_jax.training.feed import TrainBatches, ValidationBatches
-from arm_jax.data.base import LabelledSplit
+from arm_jax.data.base import LabelledSplit, Subset
 from arm_jax.errors import UserError
 from arm_jax.models import ARMResNet18, architecture, with_runtime
 from arm_jax.models.resnet import largest_activation_bytes
@@ -36,20 +36,6 @@ log = logging.getLogger(__name__)
 
 class LossIsNaN(UserError):
     """Training diverged; the last good checkpoint is kept."""
-
-
-class Subset(LabelledSplit):
-    """`count` records of `base` drawn at random (seeded), in their original order."""
-
-    def __init__(self, base: LabelledSplit, count: int, seed: int):
-        count = min(count, len(base))
-        self.base = base
-        self.indices = np.sort(np.random.default_rng(seed).choice(len(base), count, replace=False))
-        super().__init__(f"{base.name}[{count} of {len(base)}]", base.class_names,
-                         base.labels[self.indices], base.report)
-
-    def image(self, index: int) -> np.ndarray:
-        return self.base[int(self.indices[index])]["image"]
 
 
 class StopRequest:

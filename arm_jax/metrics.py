@@ -1,4 +1,7 @@
-"""Classification metrics: confusion matrix, WA (overall accuracy), UA (mean class accuracy)."""
+"""Classification metrics: confusion matrix, WA (overall accuracy), UA (mean class accuracy).
+
+Below both the training loop (validation) and inference (evaluate), which use them.
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,178 @@
+"""Latency (p50, p99) and throughput of `arm-jax serve` with 1, 4 and 16 concurrent clients.
+
+    python scripts/benchmark_serve.py [--model MODEL] [--image-size 224] [--seconds 10] [--clients 1,4,16]
+
+Two servers run side by side on the same model: its ONNX export (onnxruntime) and
+the model itself (JAX), each with the default batching (--max-batch 16,
+--max-wait-ms 10). Two paths: `crop` posts an aligned face crop at the model's
+size (PNG), `detect` posts the 512 px astronaut photo (JPEG, one face) with
+?detect_faces=true. Each client is a thread of this process with its own HTTP
+connection, sending one request after another; the measurements of the two back
+ends are interleaved (crop/1 client ONNX, then JAX, ...) so that a change of the
+machine's load hits both alike. Without --model a random ARM model of
+--image-size is built (speed does not depend on the weights). The clients share
+the server's CPU: on a 2-core machine their HTTP work is part of what is measured.
+"""
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ and arm_jax from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # results_table
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import results_table  # noqa: E402  (scripts/, beside this file)
+from tests.serving import ServerProcess  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measurement: a back end, a path, a number of clients."""
+
+    backend: str
+    path: str
+    clients: int
+    requests: int
+    p50_ms: float
+    p99_ms: float
+    per_s: float
+    faces_per_call: float
+
+
+def markdown_table(rows: list[Row], machine: str) -> str:
+    """The rows as a markdown table under a line naming the machine."""
+    lines = [machine, "", "| back end | path | clients | requests | p50 ms | p99 ms | requests/s | faces per call |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r.backend} | {r.path} | {r.clients} | {r.requests} | {r.p50_ms:.0f} | {r.p99_ms:.0f} | "
+              f"{r.per_s:.1f} | {r.faces_per_call:.1f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def images(image_size: int) -> dict[str, tuple[bytes, str, str]]:
+    """path name -> (body, media type, query): the astronaut's face crop, and the whole photo."""
+    from skimage import data
+
+    from arm_jax.inference.detection import FaceDetector, crop_face
+
+    photo = data.astronaut()
+    (box,) = FaceDetector().detect(photo)
+    crop, whole = io.BytesIO(), io.BytesIO()
+    Image.fromarray(crop_face(photo, box, image_size)).save(crop, "PNG")
+    Image.fromarray(photo).save(whole, "JPEG", quality=90)
+    return {"crop": (crop.getvalue(), "image/png", "detect_faces=false"),
+            "detect": (whole.getvalue(), "image/jpeg", "detect_faces=true")}
+
+
+def stats(url: str) -> dict:
+    return httpx.get(f"{url}/v1/stats").json()
+
+
+def measure(url: str, body: bytes, media_type: str, query: str, clients: int, seconds: float) -> tuple:
+    """(latencies in s, elapsed s, faces per classifier call) of `clients` threads posting for `seconds`."""
+    before = stats(url)["faces_per_batch"]
+    latencies, lock, stop_at = [], threading.Lock(), [0.0]
+    # All clients start together, once each has its warm connection; the clock starts then.
+    start = threading.Barrier(clients + 1, action=lambda: stop_at.__setitem__(0, time.perf_counter() + seconds))
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=120) as session:
+            post = lambda: session.post(f"/v1/predict?{query}", content=body, headers={"content-type": media_type})
+            post().raise_for_status()  # a warm connection
+            start.wait()
+            while time.perf_counter() < stop_at[0]:
+                sent = time.perf_counter()
+                post().raise_for_status()
+                with lock:
+                    latencies.append(time.perf_counter() - sent)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - (stop_at[0] - seconds)
+    after = stats(url)["faces_per_batch"]
+    calls = {int(k): v - before.get(k, 0) for k, v in after.items()}
+    faces_per_call = sum(k * v for k, v in calls.items()) / max(1, sum(calls.values()))
+    return latencies, elapsed, faces_per_call
+
+
+def model_files(model: str | None, image_size: int, root: Path) -> tuple[Path, Path]:
+    """(the model JAX serves, its ONNX export)."""
+    import onnx
+
+    from arm_jax.interop.export import build_onnx, export_model
+
+    if model is None:
+        from tests.small_models import small_model, write_small_model
+
+        model_dir = write_small_model(root / "model", image_size=image_size)
+        onnx.save_model(build_onnx(small_model(image_size)), root / "arm.onnx")
+        return model_dir, root / "arm.onnx"
+    export_model(model, root / "arm.onnx")
+    return Path(model), root / "arm.onnx"
+
+
+def image_size_of(onnx_model: Path) -> int:
+    from arm_jax.inference.predict import OnnxClassifier
+
+    return OnnxClassifier(onnx_model).image_size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="a model directory or workdir (default: a random one)")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
+    parser.add_argument("--clients", default="1,4,16")
+    results_table.add_option(parser)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="benchmark-serve-"))
+    jax_model, onnx_model = model_files(args.model, args.image_size, root)
+    bodies = images(image_size_of(onnx_model))
+    load_before = os.getloadavg()[0]
+    servers = {}
+    try:
+        for backend, model in (("onnxruntime", onnx_model), ("jax", jax_model)):
+            servers[backend] = ServerProcess(model, root / f"{backend}.log", "--no-access-log")
+            print(f"{backend}: ready {servers[backend].ready_s:.1f} s after launch", file=sys.stderr)
+        rows = []
+        for path, (body, media_type, query) in bodies.items():
+            for clients in map(int, args.clients.split(",")):
+                for backend, server in servers.items():
+                    latencies, elapsed, faces_per_call = measure(server.url, body, media_type, query, clients,
+                                                                 args.seconds)
+                    milliseconds = 1000 * np.asarray(latencies)
+                    rows.append(Row(backend, path, clients, len(latencies), float(np.percentile(milliseconds, 50)),
+                                    float(np.percentile(milliseconds, 99)), len(latencies) / elapsed,
+                                    faces_per_call))
+                    print(markdown_table(rows[-1:], "").splitlines()[-1], file=sys.stderr)
+    finally:
+        for server in servers.values():
+            server.terminate()
+    load_after = os.getloadavg()[0]
+    machine = (f"{results_table.cpu()}, {args.image_size} px model, {args.seconds:g} s per row, "
+               f"load average {load_before:.1f} before / {load_after:.1f} after")
+    print(markdown_table(rows, machine))
+    if args.markdown:
+        stamp = results_table.stamp()
+        results_table.write_rows(args.markdown, "benchmark_serve", [
+            {**stamp, "run": f"{r.backend}, {r.path}, {r.clients} clients, {args.image_size} px",
+             "load average": f"{load_before:.1f} / {load_after:.1f}", "requests": str(r.requests),
+             "p50 ms": f"{r.p50_ms:.0f}", "p99 ms": f"{r.p99_ms:.0f}", "requests/s": f"{r.per_s:.1f}",
+             "faces per call": f"{r.faces_per_call:.1f}"} for r in rows])
+
+
+if __name__ == "__main__":
+    main()

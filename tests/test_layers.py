@@ -1,0 +1,57 @@
+"""Imports run one way, from the CLI down to the models and data (STYLE.md): read from the source
+of every arm_jax module, the imports inside functions included."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "arm_jax"
+
+# Layer -> the arm_jax layers it must not import. Top-level modules (errors, metrics, xla_flags)
+# are below every package.
+FORBIDDEN = {
+    "data": {"models", "training", "inference", "interop"},
+    "models": {"data", "training", "inference", "interop"},
+    "training": {"inference"},
+    "errors": {"data", "models", "training", "inference", "interop"},
+    "metrics": {"data", "models", "training", "inference", "interop"},
+    "xla_flags": {"data", "models", "training", "inference", "interop"},
+}
+
+
+def _layer(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).parts
+    return parts[0] if len(parts) > 1 else path.stem
+
+
+def _imported_layers(tree: ast.AST) -> set[str]:
+    """The arm_jax layers a module imports (absolute imports; the package uses no relative ones)."""
+    modules = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            assert node.level == 0, "relative import"
+            modules.add(node.module)
+            if node.module == "arm_jax":  # from arm_jax import metrics
+                modules.update(f"arm_jax.{alias.name}" for alias in node.names)
+    return {name.split(".")[1] for name in modules if name.startswith("arm_jax.")}
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        above = _imported_layers(ast.parse(path.read_text())) & FORBIDDEN.get(_layer(path), set())
+        wrong += [f"{path.relative_to(PACKAGE.parent)} imports arm_jax.{layer}" for layer in sorted(above)]
+    assert wrong == []
+
+
+def test_data_set_splits_are_defined_in_the_data_package():
+    """A LabelledSplit subclass (a data set, or a part of one) is a data concept, whoever uses it."""
+    outside = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any(
+                    getattr(base, "id", getattr(base, "attr", None)) == "LabelledSplit" for base in node.bases):
+                if _layer(path) != "data":
+                    outside.append(f"{path.relative_to(PACKAGE.parent)}: {node.name}")
+    assert outside == []

@@ -1,4 +1,5 @@
-"""Checkpoints: exact round trip (arrays and optax state types), background saves, model rebuild, bad files."""
+"""Checkpoints: exact round trip (arrays and optax state types), background saves, model rebuild,
+which step is kept and restored (latest, best, a corrupt newest), bad files."""
 
 import threading
 import time
@@ -8,10 +9,9 @@ import numpy as np
 import optax
 import pytest
 
-from arm_jax.training.checkpoints import Checkpoints, load_model_from_checkpoint
-from arm_jax.training.config import TrainConfig
-from arm_jax.interop.pretrained import init_variables
 from arm_jax.errors import UserError
+from arm_jax.training.checkpoints import Checkpoints, load_model_from_checkpoint, read_model_info
+from arm_jax.training.config import TrainConfig
 from arm_jax.models import ARMResNet18, architecture
 from arm_jax.training.optim import make_optimizer
 from arm_jax.training.state import TrainState
@@ -19,15 +19,16 @@ from arm_jax.training.state import TrainState
 
 @pytest.fixture(scope="module")
 def model_and_state():
+    """ARMResNet18's full training state with every leaf distinctive (random floats, counts of 3),
+    as after training. Drawn in numpy for the shapes jax.eval_shape gives: a compiled init spent
+    ~25 s of CPU (mostly compiling its threefry draws) on values replaced here anyway."""
     model = ARMResNet18(num_classes=7, image_size=96)
-    variables = init_variables(model, jax.random.key(0))
     tx = make_optimizer(TrainConfig(), steps_per_epoch=5)
-    state = TrainState.create(variables, tx)
-    # Make every leaf distinctive (non-zero moments, a step count), as after training.
+    x = jax.ShapeDtypeStruct((1, 96, 96, 3), np.float32)
+    shapes = jax.eval_shape(lambda x: TrainState.create(model.init(jax.random.key(0), x, train=False), tx), x)
     rng = np.random.default_rng(0)
-    state = jax.tree.map(lambda a: np.asarray(a + rng.normal(size=np.shape(a)).astype(a.dtype))
-                         if np.issubdtype(np.asarray(a).dtype, np.floating) else np.asarray(a) + 3,
-                         state)
+    state = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(a.dtype) if np.issubdtype(a.dtype, np.floating)
+                         else np.full(a.shape, 3, a.dtype), shapes)
     return model, state
 
 
@@ -126,3 +127,57 @@ def test_corrupt_checkpoint_is_a_user_error(tmp_path, model_and_state):
     assert [p.name for p in (intact / "checkpoints" / "latest").iterdir()] == [str(int(state.step))]
     with pytest.raises(UserError, match="no such"):
         load_model_from_checkpoint(tmp_path / "missing")
+
+
+def _small_state(step: int) -> TrainState:
+    """A small TrainState at `step` whose every float leaf holds the step number."""
+    tx = make_optimizer(TrainConfig(), steps_per_epoch=5)
+    variables = {"params": {"fc": {"kernel": np.full((2, 3), step, np.float32)}},
+                 "batch_stats": {"bn": {"mean": np.full(3, step, np.float32)}},
+                 "gar": {"mean": np.full(3, step, np.float32)}}
+    state = TrainState.create(variables, tx)
+    return jax.tree.map(lambda a: np.full(np.shape(a), step, np.asarray(a).dtype), state)
+
+
+SMALL_INFO = {"architecture": {}, "class_names": ["a", "b"], "dataset": "synthetic", "image_size": 16}
+
+
+def _save_steps(workdir, steps, best, keep=2):
+    """Save _small_state(s) for each of `steps` as the loop does (from its thread), also as best
+    for the steps in `best`."""
+    ckpt = Checkpoints(workdir, keep=keep)
+    for step in steps:
+        ckpt.save_in_background(lambda step=step: _small_state(step), {"epoch": step}, SMALL_INFO,
+                                kinds=("latest", "best") if step in best else ("latest",))
+    ckpt.close()
+
+
+def _kept(workdir, kind: str) -> list[str]:
+    return sorted(p.name for p in (workdir / "checkpoints" / kind).iterdir())
+
+
+def test_latest_keeps_the_newest_and_best_keeps_the_last_one_saved_as_best(tmp_path):
+    """keep=2: latest holds the two newest steps, best the last one saved as best (even when newer
+    latest steps exist); a resume restores the newest; 'best' and 'latest' name those steps."""
+    _save_steps(tmp_path, steps=range(1, 6), best=(2, 3))
+    assert _kept(tmp_path, "latest") == ["4", "5"] and _kept(tmp_path, "best") == ["3"]
+    restored, progress = Checkpoints(tmp_path).restore_latest(_small_state(0))
+    assert progress == {"epoch": 5}
+    assert all(np.all(leaf == 5) for leaf in jax.tree.leaves(restored))
+    assert read_model_info(tmp_path, which="best")[1] == 3
+    assert read_model_info(tmp_path, which="latest")[1] == 5
+    assert read_model_info(tmp_path / "checkpoints" / "latest" / "4", which="latest")[1] == 4
+
+
+def test_a_corrupt_newest_checkpoint_is_skipped_and_set_aside_with_the_newer_best(tmp_path):
+    """The newest latest step's arrays are garbage: a resume restores the step before, sets the
+    corrupt one aside, and also a best saved after the step it resumes from (its training is
+    being redone); reading 'best' then falls back to the newest intact latest step."""
+    _save_steps(tmp_path, steps=range(1, 4), best=(3,), keep=3)
+    for f in (tmp_path / "checkpoints" / "latest" / "3" / "variables").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"garbage")
+    restored, progress = Checkpoints(tmp_path).restore_latest(_small_state(0))
+    assert progress == {"epoch": 2} and all(np.all(leaf == 2) for leaf in jax.tree.leaves(restored))
+    assert _kept(tmp_path, "latest") == ["1", "2", "3.corrupt"] and _kept(tmp_path, "best") == ["3.superseded"]
+    assert read_model_info(tmp_path, which="best")[1] == 2

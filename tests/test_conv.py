@@ -116,7 +116,16 @@ def without_compilation_cache():
     compilation_cache.reset_cache()
 
 
-def test_filter_gradients_transpose_stored_inputs_and_give_the_same_gradients(without_compilation_cache):
+@pytest.fixture
+def tuning_on(monkeypatch):
+    """The training options as arm-jax gives them by default, also in a session run with
+    ARM_JAX_XLA_CPU_TUNING=0 (which turns them off: training_compiler_options() is then None)."""
+    from arm_jax.xla_flags import TUNING_ENV
+
+    monkeypatch.delenv(TUNING_ENV, raising=False)
+
+
+def test_filter_gradients_transpose_stored_inputs_and_give_the_same_gradients(without_compilation_cache, tuning_on):
     """Two residual blocks' training gradient on the CPU: compiled with the training options, no
     transpose recomputes BatchNorm/ReLU (the barrier holds); compiled without, XLA fuses them into
     the transposes (so this check can fail). The gradients are bitwise the same either way."""
@@ -176,7 +185,8 @@ def _temp_blocks(dump_folder) -> list[int]:
                                             re.MULTILINE)]
 
 
-def test_training_options_split_the_temporaries_into_blocks_glibc_keeps(tmp_path, without_compilation_cache):
+def test_training_options_split_the_temporaries_into_blocks_glibc_keeps(tmp_path, without_compilation_cache,
+                                                                      tuning_on):
     """A program with ~110 MB of temporaries (three chained 2048x2048 matrix products and their
     gradient, 16 MB intermediates): compiled as XLA does by default, one block above
     TEMP_BLOCK_BYTES, which glibc would map and unmap on every call; with the training options,

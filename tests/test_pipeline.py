@@ -199,3 +199,34 @@ def test_default_sharding_is_the_jax_process():
                                   image_size=16)
     assert len(list(loader)) == pipeline.steps_in_epoch(
         TinySplit(), 8, sampler="shuffle", train=True, shard_count=jax.process_count())
+
+
+def test_every_row_keeps_its_records_label():
+    """Shuffled, resampled (MRR), augmented or not, from a per-epoch or a run loader: each row's
+    label is the label of the record its image came from."""
+    labels = np.random.default_rng(1).integers(0, 3, 60)
+    split = TinySplit(labels=labels)
+    run_loader = pipeline.make_run_loader(split, batch_size=8, seed=0, first_epoch=0, last_epoch=2, image_size=16,
+                                          shard_index=0, shard_count=1)
+    for loader in (_loader(split), _loader(split, sampler="mrr", epoch=1),
+                   _loader(split, train=False, shuffle_eval=True), run_loader):
+        for batch in loader:
+            np.testing.assert_array_equal(batch["label"], labels[_ids(batch).astype(int)])
+
+
+def test_run_loader_serves_each_epoch_as_its_per_epoch_loader_and_resumes():
+    """The loader training reads (one over all epochs, here without worker processes) gives epoch
+    e's batches exactly as make_loader(epoch=e): order, MRR draw, augmentation; a state taken
+    mid-run resumes there, and a loader starting at epoch 1 starts with epoch 1's batches.
+    (With worker processes: tests/test_pipeline_workers.py, slow.)"""
+    # 3 classes of 31/30/29 records: MRR draws 87 per epoch, a new draw each epoch; batch 4: 21 steps.
+    split = TinySplit(n=90, labels=np.r_[np.zeros(31), np.ones(30), np.full(29, 2)])
+    per_epoch = [list(_loader(split, sampler="mrr", batch_size=4, epoch=e)) for e in range(3)]
+    assert all(len(batches) == 21 for batches in per_epoch)
+    options = dict(batch_size=4, seed=0, sampler="mrr", image_size=16, shard_index=0, shard_count=1, last_epoch=3)
+    iterator = iter(pipeline.make_run_loader(split, first_epoch=0, **options))
+    _same([next(iterator) for _ in range(21 + 5)], per_epoch[0] + per_epoch[1][:5])
+    resumed = iter(pipeline.make_run_loader(split, first_epoch=0, **options))
+    resumed.set_state(iterator.get_state())
+    _same(list(resumed), per_epoch[1][5:] + per_epoch[2])
+    _same(list(pipeline.make_run_loader(split, first_epoch=1, **options)), per_epoch[1] + per_epoch[2])

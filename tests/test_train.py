@@ -1,6 +1,6 @@
 """The training loop: config checks, exact resume (epoch boundary and SIGTERM mid-epoch),
 NaN stop, and an end-to-end run on the synthetic faces (`trained_workdir`, reused by the
-evaluate/predict tests)."""
+evaluate/predict tests). The fast tier's versions, on a small model: tests/test_train_small.py."""
 
 import json
 import os
@@ -205,15 +205,13 @@ def test_parallel_jit_through_train_and_resume(tmp_path, reference_run):
     stopped = train(config, after_step=lambda step, stop: step == 3 and stop.request(signal.SIGTERM))
     assert stopped["status"] == "interrupted" and stopped["step"] == 3
     assert train(config)["step"] == 12
-    variables, records = _final(tmp_path)
-    reference_variables, reference_records = reference_run
-    # One device: the same sums (measured: within 1e-4 after 12 steps). `--parallel pmap` compiles
-    # another program and parts from `none` by rounding that Adam amplifies, so it is compared over
-    # its first step only (tests/test_train_options.py).
-    for got, want in zip(jax.tree.leaves(variables), jax.tree.leaves(reference_variables), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-    assert [r["val_wa"] for r in records] == [r["val_wa"] for r in reference_records]
-    assert [r["train_loss"] for r in records] == pytest.approx([r["train_loss"] for r in reference_records], rel=1e-4)
+    # On one device jit's mesh has one member: XLA compiles the same program as `none`'s (the
+    # optimised HLO differs only in sharding annotations), so the same sums in the same order, bit
+    # for bit on any CPU. (Compared with a tolerance, this would measure rounding that Adam
+    # amplifies over 12 steps, not the mode.) `--parallel pmap` compiles another program, so it is
+    # compared over its first step only (tests/test_train_options.py), and in float64 over several
+    # devices (tests/test_parallel.py).
+    _assert_same_run(reference_run, _final(tmp_path))
 
 
 # -- training batches from loaders that live across epochs (arm_jax/training/feed.py) -------
@@ -284,22 +282,20 @@ def test_a_checkpoint_of_the_per_epoch_loaders_resumes_exactly(tmp_path, referen
 # -- end to end ---------------------------------------------------------------------------
 
 # 2 epochs of the 2,100 synthetic training faces, from scratch: ~2.5 min on 2 CPU cores.
-# Measured val WA (700 images) 0.23 / 0.55 / 0.71 after epochs 1 / 2 / 3.
 E2E = dict(dataset="synthetic", image_size=96, batch_size=32, eval_batch_size=64, epochs=2,
            max_eval_examples=350, parallel="none", checkpoint_every_steps=0, quiet=True)
-E2E_MIN_ACCURACY = 0.4  # chance is 1/7
-# After 2 epochs the running GAR is an average over the last ~10 noisy batch GARs of a
-# fast-changing model, while calibration averages 2,100 images, so the two differ: measured on the
-# 2-core AMD EPYC 0.59 with YNNPACK convolutions, 0.88 with Eigen's (arm-jax's default since the
-# XLA flag) and 0.68 with the custom max-pool gradient (the same model, another rounding, another
-# training trajectory). The bound asks only that calibration be informative: closer to the
-# training-time GAR than a zero (missing) estimate, whose relative difference is exactly 1
-# (calibrating with BatchNorm's running statistics instead of batch statistics measured 1.03).
-# What matters to users is the accuracy check below.
-CALIBRATION_TOLERANCE = 1.0
-# val WA with the trained vs the calibrated GAR, measured there: 0.577 vs 0.560, then 0.623 vs 0.589,
-# then 0.619 vs 0.596.
-CALIBRATED_ACCURACY_GAP = 0.08
+# How well 2 epochs train depends on the trajectory, and float32 rounding picks the trajectory
+# (another CPU, other conv kernels: Adam turns rounding-level differences into +-lr updates), so no
+# accuracy measured on one machine is a bound. This one comes from chance instead: the classes are
+# balanced, so a model that learned nothing scores 1/7 on average whatever it predicts, with a
+# binomial spread of sqrt(1/7 * 6/7 / n): 0.019 on the 350 validation images, 0.013 on the 700 test
+# images. 0.25 is 5.7 (val) and 8.1 (test) of those above chance: passing means the model learned.
+# Trajectories seen score far above it (val WA after 2 epochs 0.55 to 0.61 over CPUs and kernels).
+E2E_MIN_ACCURACY = 0.25
+# Probabilities of the same images through the same model: batch sizes that differ choose other
+# kernels, whose float32 rounding moves a probability by ~1e-7 (tests/test_evaluate.py, alone
+# against together); no forward-pass rounding comes near 1e-5.
+SAME_INPUT_PROBABILITY_ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -316,8 +312,8 @@ def test_trains_well_above_chance_on_synthetic_faces(trained_workdir):
     records = [json.loads(x) for x in (trained_workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
     assert records[-1]["train_loss"] < records[0]["train_loss"]
-    best = max(r["val_wa"] for r in records)
-    assert best >= E2E_MIN_ACCURACY, records
+    print(f"val WA after each epoch: {[r['val_wa'] for r in records]}")
+    assert max(r["val_wa"] for r in records) >= E2E_MIN_ACCURACY, records
     arch, names, _ = load_model_from_checkpoint(trained_workdir, which="best")
     assert arch["num_classes"] == 7 and len(names) == 7 and arch["image_size"] == 96
 
@@ -328,9 +324,11 @@ def test_evaluate_predict_and_calibrate_on_the_trained_checkpoint(trained_workdi
     from click.testing import CliRunner
     from PIL import Image
 
-    from arm_jax.inference.calibrate import calibrate_gar
     from arm_jax.data.synthetic import SyntheticSplit
+    from arm_jax.data.transforms import resize_uint8
+    from arm_jax.inference.calibrate import calibrate_gar
     from arm_jax.inference.evaluate import predict_split
+    from arm_jax.inference.runner import batched_logits
     from arm_jax.interop.model_files import LoadedModel, load_any_model
     from arm_jax.models import with_runtime
     from cli.main import cli
@@ -341,9 +339,11 @@ def test_evaluate_predict_and_calibrate_on_the_trained_checkpoint(trained_workdi
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["gar"] == "running" and report["count"] == 700
-    assert report["wa"] >= E2E_MIN_ACCURACY - 0.05, report
+    assert report["wa"] >= E2E_MIN_ACCURACY, report
 
-    # predict: image files in, one answer per file, the same answers as evaluation's pipeline.
+    # predict: image files in, one answer per file: the model's probabilities for the images
+    # resized on the host as predict resizes them (PIL bilinear, 64 -> 96 px), computed here
+    # through evaluation's logits function in one batch.
     test = SyntheticSplit("test", size=35)
     faces = tmp_path / "faces"
     faces.mkdir()
@@ -355,21 +355,32 @@ def test_evaluate_predict_and_calibrate_on_the_trained_checkpoint(trained_workdi
     assert [Path(r["path"]).name for r in rows] == [f"{i:03d}.png" for i in range(len(test))]
     loaded = load_any_model(trained_workdir)
     model = with_runtime(loaded.model, gar_mode="running")
-    _, evaluated = predict_split(loaded, model, test, batch_size=16, seed=0, shuffled=False)
-    agreement = np.mean([r["label"] == int(p) for r, p in zip(rows, evaluated, strict=True)])
-    assert agreement >= 0.9  # host (PIL) vs device resizing of 64 -> 96 px may flip a near tie
+    resized = np.stack([resize_uint8(test[i]["image"], E2E["image_size"]) for i in range(len(test))])
+    ((_, logits),) = batched_logits(loaded, model, [{"image": resized}])
+    expected = np.exp(logits - logits.max(-1, keepdims=True))
+    expected /= expected.sum(-1, keepdims=True)
+    got = np.array([[r["probabilities"][name] for name in loaded.class_names] for r in rows])
+    np.testing.assert_allclose(got, expected, rtol=0, atol=SAME_INPUT_PROBABILITY_ATOL)
+    top_two = np.sort(expected, axis=-1)[:, -2:]
+    clear = top_two[:, 1] - top_two[:, 0] > 2 * SAME_INPUT_PROBABILITY_ATOL  # not a tie within rounding
+    assert [r["label"] for r, c in zip(rows, clear, strict=True) if c] == expected.argmax(-1)[clear].tolist()
 
-    # calibrate: the GAR estimated from training images is close to the training-time running value,
-    # and evaluating with it gives nearly the same accuracy.
+    # calibrate: the GAR estimated from all training images (its definition, the mean of the
+    # training-mode batch GARs, is checked against PyTorch in tests/test_evaluate.py) gives a model
+    # that classifies as well as a trained one must. How close it comes to the training-time running
+    # GAR (an average over the last ~10 batch GARs of a fast-changing model) depends on the
+    # trajectory: measured 0.59 to 0.88 relative difference on one CPU with three kernel choices, so
+    # it is printed, not bounded.
     trained_gar = np.asarray(loaded.variables["gar"]["arm"]["affinity"]["mean"])
     calibrated = calibrate_gar(LoadedModel(loaded.model, loaded.variables, loaded.class_names),
                                SyntheticSplit("train"), batch_size=E2E["batch_size"], progress=False)
+    whole_batches = 2100 // E2E["batch_size"] * E2E["batch_size"]  # every whole batch of the training split
+    assert calibrated.gar_calibrated and int(calibrated.variables["gar"]["arm"]["affinity"]["count"]) == whole_batches
     estimate = np.asarray(calibrated.variables["gar"]["arm"]["affinity"]["mean"])
     relative = np.linalg.norm(estimate - trained_gar) / np.linalg.norm(trained_gar)
     print(f"calibrated vs training-time running GAR: relative difference {relative:.3f}")
-    assert relative < CALIBRATION_TOLERANCE
     val = SyntheticSplit("val")
     accuracies = [np.mean(predict_split(m, model, val, batch_size=64, seed=0, shuffled=False)[1] == val.labels)
                   for m in (loaded, calibrated)]
     print(f"val WA with the training-time GAR {accuracies[0]:.3f}, with the calibrated GAR {accuracies[1]:.3f}")
-    assert abs(accuracies[0] - accuracies[1]) <= CALIBRATED_ACCURACY_GAP
+    assert min(accuracies) >= E2E_MIN_ACCURACY, accuracies

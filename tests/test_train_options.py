@@ -72,14 +72,22 @@ def first_step(tmp_path_factory):
 # step is about lr x sign(gradient), so a gradient at rounding level moves +lr in one run and
 # -lr in the other: measured 2e-3 (2 lr) on one bn1 bias entry after one step; over 12 steps
 # float32 runs part by up to 0.5 relative (float64 runs agree to 1.8e-11; tests/test_parallel.py).
-# So what is compared is what the step computed: the gradient (Adam's first moment, 0.1 x the
-# gradient after one step) per array, measured at most 5.4e-3 relative (L2; ReLU inputs at
-# rounding level of zero flip, as in tests/test_parity.py), and the BatchNorm/GAR statistics,
-# measured 5.3e-7; a wrong gradient (another batch, a missing term) is off by O(1). Parameters
-# then follow from the gradients: both runs took Adam's first step from the same start.
-PMAP_GRADIENT_RTOL = 2e-2
-PMAP_STATS_ATOL = 5e-6
-PMAP_PARAM_ATOL = 1e-6  # measured 1.2e-7 (float32 rounding); a step of lr = 1e-3 is what could go wrong
+# So what is compared is what the first step computed, with bounds that hold on any CPU:
+# - the BatchNorm/GAR statistics, from the forward pass, which is continuous in the rounding
+#   (ReLU and max-pool are continuous): a few float32 roundings (~1e-7) apart, amplified by the
+#   network's forward conditioning, not chaotically. Bound: 1e-4 of each array's largest
+#   magnitude (the GAR's scale: 1, BatchNorm-normalised values); measured 1.2e-6 absolute at most;
+# - the gradient (Adam's first moment, 0.1 x the gradient after one step) per array, relative L2.
+#   A ReLU input within rounding of zero passes or blocks its gradient depending on the kernels'
+#   rounding, and one such flip moves a tensor by up to 2e-2 (tests/test_parity.py, where all the
+#   near-zero ReLUs flipping at once moved the worst tensor by 2.9e-2): measured here 5.4e-3 with
+#   Eigen's convolutions, 6.3e-6 with YNNPACK's (no flip). Bound: 1e-1, as test_parity's float32
+#   gradients with their own ReLU decisions; a wrong gradient (another batch, a missing term) is
+#   off by O(1).
+# Parameters then follow from the gradients: both runs took Adam's first step from the same start.
+PMAP_GRADIENT_RTOL = 1e-1
+PMAP_STATS_TOLERANCE = 1e-4
+PMAP_PARAM_ATOL = 1e-6  # float32 rounding: a few ulps of parameters of magnitude <= 1 (measured 1.2e-7); a step of lr = 1e-3 is what could go wrong
 
 
 def _adam_moments(workdir, which: str = "mu") -> dict:
@@ -118,16 +126,20 @@ def test_parallel_pmap_through_train_resume_and_evaluate(tmp_path, first_step):
 
     assert got_mu.keys() == {k[1:] for k in want if k[0] == "params"}
     worst_mu = max(float(np.linalg.norm(got_mu[k] - v) / np.linalg.norm(v)) for k, v in want_mu.items())
-    worst_stats = max(float(np.abs(got[k] - v).max()) for k, v in want.items() if k[0] != "params")
-    print(f"pmap vs none after one step: gradient {worst_mu:.2e} (relative L2, worst array), statistics {worst_stats:.2e}")
+    # Each statistic's difference in units of its array's scale (the GAR's: 1).
+    stats = {k: float(np.abs(got[k] - v).max() / (1.0 if k[0] == "gar" else np.abs(v).max()))
+             for k, v in want.items() if k[0] != "params" and k[-1] != "count"}
+    worst_stats = max(stats.values())
+    print(f"pmap vs none after one step: gradient {worst_mu:.2e} (relative L2, worst array), statistics {worst_stats:.2e} (of each array's scale)")
     for path, mu in want_mu.items():
         assert np.linalg.norm(got_mu[path] - mu) <= PMAP_GRADIENT_RTOL * np.linalg.norm(mu), path
         start = want[("params",) + path] + first_adam_step(mu, want_nu[path])
         np.testing.assert_allclose(got[("params",) + path], start - first_adam_step(got_mu[path], got_nu[path]),
                                    rtol=0, atol=PMAP_PARAM_ATOL, err_msg=str(path))
+    assert len(stats) == 2 * 21 + 1 and worst_stats <= PMAP_STATS_TOLERANCE, max(stats, key=stats.get)
     for key in want:
-        if key[0] != "params":
-            np.testing.assert_allclose(got[key], want[key], rtol=0, atol=PMAP_STATS_ATOL, err_msg=str(key))
+        if key[-1] == "count":
+            np.testing.assert_array_equal(got[key], want[key], err_msg=str(key))
 
     assert _run(stopped, parallel="pmap")["step"] == 2  # resumed mid-epoch
     whole = tmp_path / "whole"

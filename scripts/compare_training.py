@@ -97,7 +97,7 @@ def run_pytorch(args, seed: int, data) -> list[dict]:
     from arm_jax.interop import torch_recipe
 
     recipe = torch_recipe.Recipe(image_size=args.image_size, batch_size=args.batch_size, epochs=args.epochs, seed=seed)
-    settings = {"recipe": dataclasses.asdict(recipe),
+    settings = {"recipe": dataclasses.asdict(recipe), "backbone_init": "torchvision",
                 "dataset": args.dataset, "data_dir": args.data_dir, "pretrained": args.pretrained}
     cache = args.out / "pytorch" / f"seed{seed}.json"
     if cache.is_file():

@@ -17,6 +17,7 @@ COMMANDS = {
     "prepare": "cli.data:prepare",
     "convert": "cli.convert:convert",
     "export": "cli.export:export",
+    "reproduce": "cli.reproduce:reproduce",
     "serve": "cli.serve:serve",
 }
 

@@ -63,6 +63,8 @@ def _default(name: str):
               help="Ablation: no de-albino kernel.")
 @click.option("--no-affinity", "affinity", is_flag=True, flag_value=False, default=True,
               help="Ablation: no sharing affinity.")
+@click.option("--raw-kernel", type=int, default=_default("raw_kernel"), show_default=True,
+              help="With --no-arrangement: De-albino's k x k kernel (stride 1) on the raw map (Figure 6).")
 @click.option("--tensorboard", is_flag=True, help="Also write TensorBoard events (needs tensorboardX).")
 @click.option("--skip-bad", is_flag=True, help="Leave out unreadable records instead of stopping.")
 @click.option("--distributed", is_flag=True, help="Multi-host: call jax.distributed.initialize().")

@@ -3,7 +3,7 @@
     python scripts/benchmark_export.py [--image-size 224] [--batches 1,32] [--rounds 5]
 
 ONNX and JAX run the whole inference path (uint8 NHWC images in, ImageNet
-normalisation, running GAR, softmax); PyTorch runs tests/torch_reference.py's
+normalisation, running GAR, softmax); PyTorch runs arm_jax/interop/torch_reference.py's
 model on normalised float NCHW input (normalisation is a negligible share).
 Each contender is warmed up, then all run in turns (A, B, C, A, B, C, ...) so
 that a change of machine load hits them alike; each rate is the median over
@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from arm_jax.interop.export import build_onnx, jax_inference_fn  # noqa: E402
 from tests.small_models import small_model  # noqa: E402
-from tests.torch_reference import TorchARMResNet18  # noqa: E402
+from arm_jax.interop.torch_reference import TorchARMResNet18  # noqa: E402
 
 import results_table  # noqa: E402  (scripts/, beside this file)
 

@@ -6,7 +6,7 @@
     python scripts/benchmark_model.py --layers --image-size 224   # per conv layer and the rest, ms
 
 Run from the repository root (the PyTorch model is the one the parity tests
-build, tests/torch_reference.py). Every contender is warmed up, then the steps
+build, arm_jax/interop/torch_reference.py). Every contender is warmed up, then the steps
 run in turns (A, B, C, A, B, C, ...) so that a change in machine load hits all
 of them alike; each rate is the median over the rounds. The load average is
 printed with every measurement: on a shared machine PyTorch slows ~4x under
@@ -87,7 +87,7 @@ def torch_runner(mode: str, batch: int, size: int, variant: str, device: str):
     """A callable for the PyTorch model; variant: 'float32', 'float32-cl', 'amp-bf16', 'compile-amp-bf16'."""
     import torch
 
-    from tests.torch_reference import TorchARMResNet18
+    from arm_jax.interop.torch_reference import TorchARMResNet18
 
     torch.manual_seed(0)
     model = TorchARMResNet18(num_classes=NUM_CLASSES, image_size=size).to(device)
@@ -235,7 +235,7 @@ def stage_runners(batch: int, size: int, torch_variants: list[str]) -> dict[str,
     from arm_jax.models.batchnorm import BatchNorm
     from arm_jax.models.pooling import max_pool
     from arm_jax.models.resnet import BasicBlock, ResNet18Backbone, conv
-    from tests.torch_reference import TorchARMResNet18
+    from arm_jax.interop.torch_reference import TorchARMResNet18
 
     model = ARMResNet18(num_classes=NUM_CLASSES, image_size=size)
     variables = init_variables(model, jax.random.key(0))

@@ -107,8 +107,8 @@ def rng() -> np.random.Generator:
 
 @pytest.fixture(scope="session")
 def torch_reference():
-    """The PyTorch reference models (tests/torch_reference.py); skips the test without PyTorch."""
+    """The PyTorch reference models (arm_jax/interop/torch_reference.py); skips the test without PyTorch."""
     pytest.importorskip("torch")
-    from tests import torch_reference
+    from arm_jax.interop import torch_reference
 
     return torch_reference

@@ -24,7 +24,7 @@ from cli.main import cli
 torch = pytest.importorskip("torch")
 from safetensors.torch import load_file as torch_load_safetensors
 
-from tests.torch_reference import TorchARMResNet18, randomised_arm, randomised_resnet
+from arm_jax.interop.torch_reference import TorchARMResNet18, randomised_arm, randomised_resnet
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64  # the cheapest size the head accepts (33-64 px: arranged map 32x32, a 1x1 representation)

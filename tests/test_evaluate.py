@@ -22,7 +22,7 @@ from arm_jax.inference.predict import predict
 from cli.main import cli
 
 torch = pytest.importorskip("torch")
-from tests.torch_reference import randomised_arm
+from arm_jax.interop.torch_reference import randomised_arm
 
 SIZE = 96  # a 3x3 representation: enough for a random model to spread its predictions
 BATCH = 32

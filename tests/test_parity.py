@@ -14,7 +14,7 @@ from arm_jax.interop.convert import convert_for_model, flax_to_torch, key_table,
 from arm_jax.models import ARMResNet18, with_runtime
 
 torch = pytest.importorskip("torch")
-from tests.torch_reference import TorchARMResNet18, TorchResNet18, randomise_batchnorm
+from arm_jax.interop.torch_reference import TorchARMResNet18, TorchResNet18, randomise_batchnorm
 
 LOGIT_TOLERANCE = 1e-4
 GRADIENT_RELATIVE_TOLERANCE = 1e-3

@@ -377,6 +377,9 @@ def load_model_from_checkpoint(path: str | Path, which: str = "best"):
             raise ValueError(f"unknown architecture fields ({err})") from err
         x = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), np.float32)
         abstract = jax.eval_shape(lambda x: model.init({"params": jax.random.key(0)}, x, train=False), x)
+        # Training saves TrainState.variables, which holds every collection; a model without
+        # Sharing Affinity has no 'gar' in its init, but an empty one in the checkpoint.
+        abstract = {"batch_stats": {}, "gar": {}, **abstract}
         manager = _manager(directory, 1, create=False)
         restored = manager.restore(step, args=ocp.args.Composite(
             variables=ocp.args.StandardRestore(abstract)))

@@ -61,6 +61,7 @@ class TrainConfig:
     arrangement: bool = True
     de_albino: bool = True
     affinity: bool = True
+    raw_kernel: int = 3  # De-albino's kernel on the raw map when arrangement is off (Figure 6's k)
     dropout: float = 0.0
     gar_mode: str = "batch"  # the released code's batch GAR, in training and evaluation
     # Optimisation (torch.optim.Adam(weight_decay=1e-4) + ExponentialLR stepped per epoch).
@@ -127,7 +128,7 @@ def _validate(config: TrainConfig) -> None:
             raise UserError(
                 f"option {field.name}: {value!r} is not one of {', '.join(CHOICES[field.name])}"
             )
-    positive = ("epochs", "batch_size", "eval_batch_size", "image_size", "keep_checkpoints")
+    positive = ("epochs", "batch_size", "eval_batch_size", "image_size", "keep_checkpoints", "raw_kernel")
     for name in positive:
         if getattr(config, name) < 1:
             raise UserError(f"option {name}: must be at least 1, got {getattr(config, name)}")
@@ -181,12 +182,14 @@ def check_resumable(config: TrainConfig, workdir: Path) -> None:
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: cannot read the saved training config ({err})") from err
     current = dataclasses.asdict(config)
+    # A field added to TrainConfig after the run was saved ran at its default value.
+    defaults = dataclasses.asdict(TrainConfig())
     changed = sorted(
         k for k in set(saved) | set(current)
-        if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)
+        if k not in RESUMABLE_CHANGES and saved.get(k, defaults.get(k)) != current.get(k)
     )
     if changed:
-        details = "; ".join(f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in changed)
+        details = "; ".join(f"{k}: saved {saved.get(k, defaults.get(k))!r}, now {current.get(k)!r}" for k in changed)
         raise UserError(
             f"{workdir} holds a run with a different config ({details}); use a new --workdir, "
             f"or only increase --epochs to continue it"

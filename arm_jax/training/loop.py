@@ -144,7 +144,7 @@ def _setup(config: TrainConfig) -> tuple[Run, TrainState, dict]:
     model = ARMResNet18(
         num_classes=len(train_split.class_names), image_size=config.image_size,
         arrangement=config.arrangement, de_albino=config.de_albino, affinity=config.affinity,
-        dropout_rate=config.dropout, gar_mode=config.gar_mode,
+        raw_kernel=config.raw_kernel, dropout_rate=config.dropout, gar_mode=config.gar_mode,
         dtype=jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32)
     tx = make_optimizer(config, steps_per_epoch)
     init_key, data_seed, step_key = _keys(config.seed)

@@ -1,14 +1,18 @@
-"""PyTorch models for parity tests: torchvision's resnet18 layout and the released ARM code's semantics.
+"""The released code's model in PyTorch: torchvision's resnet18 layout and `ResNet18_ARM___RAF`'s head.
 
-Written from the facts in REFERENCE.md (torchvision is not importable beside
-the CPU torch build here); none of the authors' code is copied. Importing this module without PyTorch skips the
-test module that imports it (the suite still collects without PyTorch).
+Written from the facts in shared/REFERENCE.md (torchvision is not importable beside the CPU torch
+build these machines use); none of the authors' code is copied. The parity tests and
+`scripts/compare_training.py` build their PyTorch models from here. PyTorch is an optional
+dependency (`pip install 'arm-jax[torch]'`): nothing in arm_jax imports this module at import
+time, and importing it without PyTorch raises ModuleNotFoundError saying what to install.
 """
 
-import pytest
-
-torch = pytest.importorskip("torch")
-from torch import nn
+try:
+    import torch
+    from torch import nn
+except ModuleNotFoundError as err:  # PyTorch is optional
+    raise ModuleNotFoundError("arm_jax.interop.torch_reference needs PyTorch: pip install 'arm-jax[torch]' "
+                              "(or torch==2.13.0, the CPU build)", name="torch") from err
 
 
 class BasicBlock(nn.Module):
@@ -46,6 +50,15 @@ class TorchResNet18(nn.Module):
             in_planes = planes
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512, num_classes)
+        # torchvision's initialisation (the released code trains from torchvision's resnet18):
+        # Kaiming normal (fan-out) convolutions and unit BatchNorm; nn.Conv2d's own default is
+        # a uniform about 2.4x narrower, which would start a from-scratch run elsewhere.
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
 
     def forward(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

@@ -36,7 +36,10 @@ def serve(model, host, port, max_batch, max_wait_ms, max_queue, max_body_mb, max
     """Keep MODEL loaded and answer over HTTP: a JSON API (POST /v1/predict) and a web page (GET /).
 
     MODEL is what `predict --checkpoint` takes: an exported .onnx file (onnxruntime), a training workdir or a
-    model directory (JAX). Stop it with Ctrl-C or SIGTERM: requests in progress are answered first.
+    model directory (JAX). It listens once the model has answered one image (the 'ready' line says how long
+    loading and that took: about as long as a `predict` call once the caches hold the model; JAX's first
+    start with a new architecture compiles, tens of seconds at 224 px on 2 cores, larger batch sizes in the
+    background). Stop it with Ctrl-C or SIGTERM: requests in progress are answered first.
     """
     from arm_jax.serving.server import serve as run_server
 

@@ -1,4 +1,4 @@
-"""Latency (p50, p99) and throughput of `arm-jax serve` with 1, 4 and 16 concurrent clients.
+"""Time to ready, latency (p50, p99) and throughput of `arm-jax serve` with 1, 4 and 16 concurrent clients.
 
     python scripts/benchmark_serve.py [--model MODEL] [--image-size 224] [--seconds 10] [--clients 1,4,16]
 
@@ -12,11 +12,17 @@ ends are interleaved (crop/1 client ONNX, then JAX, ...) so that a change of the
 machine's load hits both alike. Without --model a random ARM model of
 --image-size is built (speed does not depend on the weights). The clients share
 the server's CPU: on a 2-core machine their HTTP work is part of what is measured.
+
+Time to ready: each server starts twice with caches of its own (ARM_JAX_CACHE and
+JAX's compilation cache in a new folder): the first start finds them empty (JAX
+exports and compiles), the second finds what the first left (after its background
+warm-up ended). The measurements run on the second.
 """
 
 import argparse
 import io
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -71,6 +77,31 @@ def images(image_size: int) -> dict[str, tuple[bytes, str, str]]:
     Image.fromarray(photo).save(whole, "JPEG", quality=90)
     return {"crop": (crop.getvalue(), "image/png", "detect_faces=false"),
             "detect": (whole.getvalue(), "image/jpeg", "detect_faces=true")}
+
+
+READY_SPLIT = re.compile(r"model loaded in ([\d.]+) s, first image in ([\d.]+) s")
+SIZES_READY = re.compile(r"batch sizes [\d, ]+ ready ([\d.]+) s after the first")
+
+
+@dataclass(frozen=True)
+class Start:
+    """One start of a server: seconds from launch to its 'ready' line, and that line's split."""
+
+    ready_s: float
+    load_s: float
+    first_image_s: float
+    other_sizes_s: float | None  # JAX: the background warm-up of the larger batch sizes
+
+
+def start_server(model: Path, log: Path, *, wait_for_warm_up: bool) -> tuple[ServerProcess, Start]:
+    """A server and how its start went; with wait_for_warm_up, once its larger batch sizes are ready too."""
+    server = ServerProcess(model, log, "--no-access-log", ready_within_s=600)
+    deadline = time.monotonic() + 600
+    while wait_for_warm_up and not SIZES_READY.search(server.log()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    load_s, first_image_s = map(float, READY_SPLIT.search(server.log()).groups())
+    warm = SIZES_READY.search(server.log())
+    return server, Start(server.ready_s, load_s, first_image_s, float(warm[1]) if warm else None)
 
 
 def stats(url: str) -> dict:
@@ -142,11 +173,17 @@ def main() -> None:
     jax_model, onnx_model = model_files(args.model, args.image_size, root)
     bodies = images(image_size_of(onnx_model))
     load_before = os.getloadavg()[0]
-    servers = {}
+    os.environ["ARM_JAX_CACHE"] = str(root / "cache")  # empty: the first start is a first start
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(root / "cache" / "jax-compile")
+    servers, starts = {}, {}
     try:
         for backend, model in (("onnxruntime", onnx_model), ("jax", jax_model)):
-            servers[backend] = ServerProcess(model, root / f"{backend}.log", "--no-access-log")
-            print(f"{backend}: ready {servers[backend].ready_s:.1f} s after launch", file=sys.stderr)
+            first, first_start = start_server(model, root / f"{backend}-1.log", wait_for_warm_up=backend == "jax")
+            first.terminate()
+            servers[backend], second_start = start_server(model, root / f"{backend}-2.log", wait_for_warm_up=False)
+            starts[backend] = (first_start, second_start)
+            print(f"{backend}: ready {first_start.ready_s:.1f} s after launch (first start), "
+                  f"{second_start.ready_s:.1f} s (second)", file=sys.stderr)
         rows = []
         for path, (body, media_type, query) in bodies.items():
             for clients in map(int, args.clients.split(",")):
@@ -165,8 +202,22 @@ def main() -> None:
     machine = (f"{results_table.cpu()}, {args.image_size} px model, {args.seconds:g} s per row, "
                f"load average {load_before:.1f} before / {load_after:.1f} after")
     print(markdown_table(rows, machine))
+    for backend, (first, second) in starts.items():
+        print(f"{backend}: ready {first.ready_s:.1f} s after launch on a first start ({first.load_s:.1f} s loading, "
+              f"{first.first_image_s:.1f} s to the first image), {second.ready_s:.1f} s on a second "
+              f"({second.load_s:.1f} + {second.first_image_s:.1f} s)" + (
+                  f"; larger batch sizes {first.other_sizes_s:.1f} s later in the background on the first start"
+                  if first.other_sizes_s is not None else ""))
     if args.markdown:
         stamp = results_table.stamp()
+        results_table.write_rows(args.markdown, "benchmark_serve_ready", [
+            {**stamp, "run": f"{backend}, {args.image_size} px", "load average": f"{load_before:.1f}",
+             "first start: ready s": f"{first.ready_s:.1f}",
+             "first start: load + first image s": f"{first.load_s:.1f} + {first.first_image_s:.1f}",
+             "first start: other batch sizes s": "-" if first.other_sizes_s is None else f"{first.other_sizes_s:.1f}",
+             "second start: ready s": f"{second.ready_s:.1f}",
+             "second start: load + first image s": f"{second.load_s:.1f} + {second.first_image_s:.1f}"}
+            for backend, (first, second) in starts.items()])
         results_table.write_rows(args.markdown, "benchmark_serve", [
             {**stamp, "run": f"{r.backend}, {r.path}, {r.clients} clients, {args.image_size} px",
              "load average": f"{load_before:.1f} / {load_after:.1f}", "requests": str(r.requests),

@@ -312,7 +312,7 @@ def test_jax_backend_serves_a_workdir_with_its_step(models, server, tmp_path):
         from_onnx = [post_image(server.url, crop).json() for crop in crops]
         assert max(np.abs(probabilities(a) - probabilities(b)).max() for a, b in zip(from_jax, from_onnx)) <= 1e-4
         assert [a["class_name"] for a in from_jax] == [b["class_name"] for b in from_onnx]
-        assert "warmed up" in jax_server.log()
+        assert "first image in" in jax_server.log()
 
 
 def test_start_up_errors_are_one_line_messages(tmp_path):

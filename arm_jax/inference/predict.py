@@ -1,10 +1,11 @@
 """`arm-jax predict`: the expression in face crops, or in every face found in photos and videos.
 
 The model is an exported `.onnx` file, run with onnxruntime (this path never
-imports JAX, so the first answer comes without JAX's start-up and compilation),
-or anything load_any_model reads, run in JAX with the persistent compilation
-cache (arm_jax.inference.jax_classifier). Both use the running GAR, so an
-image's answer does not depend on the others.
+imports JAX, so the first answer comes without JAX's start-up and compilation;
+arm_jax.inference.onnx_session), or anything load_any_model reads, run in JAX
+from cached programs (arm_jax.inference.jax_classifier). Both use the running
+GAR, so an image's answer does not depend on the others. OpenCV and tqdm are
+imported only where faces are detected or videos read.
 """
 
 import json
@@ -14,11 +15,9 @@ from typing import Protocol
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from tqdm import tqdm
 
 from arm_jax.data.base import resize_uint8
 from arm_jax.errors import UserError
-from arm_jax.inference.detection import Box, FaceDetector, crop_face, draw_faces
 from arm_jax.inference.video import VIDEO_SUFFIXES, VideoReader, VideoWriter
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -85,10 +84,10 @@ class OnnxClassifier:
     """An `arm-jax export` model in onnxruntime; its class names and input size come from the file."""
 
     def __init__(self, path: str | Path):
-        import onnxruntime
+        from arm_jax.inference.onnx_session import session  # onnxruntime: only on this path
 
         try:
-            self._session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            self._session = session(path)
         except Exception as error:  # onnxruntime raises its own types for missing/corrupt files
             raise UserError(f"{path}: not a readable ONNX model ({error})") from None
         metadata = self._session.get_modelmeta().custom_metadata_map
@@ -203,6 +202,8 @@ class FacePipeline:
     """Detector + classifier: the faces of a photo or of a video's frames, each with its expression."""
 
     def __init__(self, classifier: Classifier):
+        from arm_jax.inference.detection import FaceDetector  # OpenCV: only where faces are detected
+
         self.classifier, self.detector = classifier, FaceDetector()
         self._written: set[Path] = set()
 
@@ -216,6 +217,8 @@ class FacePipeline:
         return destination
 
     def faces_in(self, image: np.ndarray) -> list[FacePrediction]:
+        from arm_jax.inference.detection import crop_face
+
         boxes = self.detector.detect(image)
         if not boxes:
             return []
@@ -228,6 +231,8 @@ class FacePipeline:
 
     @staticmethod
     def annotated(image: np.ndarray, faces: list[FacePrediction]) -> np.ndarray:
+        from arm_jax.inference.detection import Box, draw_faces
+
         labels = [(Box(*face.box), f"{face.expression} {face.probabilities[face.expression]:.2f}") for face in faces]
         return draw_faces(image, labels)
 
@@ -241,6 +246,8 @@ class FacePipeline:
         return result
 
     def video(self, path: Path, *, every: int, annotate_dir: Path | None, progress: bool) -> FileFaces:
+        from tqdm import tqdm
+
         reader = VideoReader(path, every)
         result = FileFaces(str(path), "video")
         writer = None

@@ -1,9 +1,12 @@
-"""Reading video files frame by frame and writing annotated ones, with OpenCV (its wheels bundle FFmpeg)."""
+"""Reading video files frame by frame and writing annotated ones, with OpenCV (its wheels bundle FFmpeg).
+
+OpenCV is imported where a video is opened: `predict` on face crops, which only needs
+VIDEO_SUFFIXES, does not pay for its import.
+"""
 
 from collections.abc import Iterator
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from arm_jax.errors import UserError
@@ -17,6 +20,8 @@ class VideoReader:
     """Every `every`-th frame of a video as (frame index, time in s, RGB uint8)."""
 
     def __init__(self, path: Path, every: int = 1):
+        import cv2
+
         self.path, self.every = path, every
         self._capture = cv2.VideoCapture(str(path))
         if not self._capture.isOpened():
@@ -30,6 +35,8 @@ class VideoReader:
         return -(-self.frame_count // self.every)
 
     def __iter__(self) -> Iterator[tuple[int, float, np.ndarray]]:
+        import cv2
+
         index = 0
         try:
             while True:
@@ -50,6 +57,8 @@ class VideoWriter:
     """Writes RGB frames; the codec follows the file's suffix (.avi: MJPG, else mp4v)."""
 
     def __init__(self, path: Path, fps: float, width: int, height: int):
+        import cv2
+
         fourcc = cv2.VideoWriter_fourcc(*FOURCC.get(path.suffix.lower(), DEFAULT_FOURCC))
         self.path = path
         self._writer = cv2.VideoWriter(str(path), fourcc, fps, (width, height))
@@ -57,6 +66,8 @@ class VideoWriter:
             raise UserError(f"{path}: OpenCV cannot write a video here")
 
     def write(self, frame: np.ndarray) -> None:
+        import cv2
+
         self._writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
 
     def close(self) -> None:

@@ -10,12 +10,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
-
-from tqdm import tqdm
 
 from arm_jax.errors import UserError
 
@@ -73,6 +69,8 @@ def cached_download(url: str, *, progress: bool = True) -> Path:
                         "different file); delete it to download it again")
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".part")
+    import urllib.error  # with urllib.request: 0.1-0.2 s of imports, which cache_dir's users (predict) skip
+
     try:
         _download(url, partial, progress)
     except (urllib.error.URLError, OSError, ValueError) as error:
@@ -92,6 +90,10 @@ def cached_download(url: str, *, progress: bool = True) -> Path:
 
 def _download(url: str, destination: Path, progress: bool) -> None:
     """Stream url into destination with a byte progress bar."""
+    import urllib.request
+
+    from tqdm import tqdm
+
     with urllib.request.urlopen(url, timeout=_TIMEOUT_S) as response, \
             open(destination, "wb") as out:
         total = int(response.headers.get("Content-Length") or 0) or None

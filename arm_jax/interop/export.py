@@ -175,18 +175,25 @@ def class_names_of(loaded: LoadedModel) -> tuple[str, ...]:
     return loaded.class_names or tuple(f"class_{i}" for i in range(loaded.model.num_classes))
 
 
-def jax_inference_fn(loaded: LoadedModel):
-    """uint8 (N, S, S, 3) -> (logits, probabilities) in JAX, the function the ONNX graph reproduces."""
-    model = with_runtime(loaded.model, gar_mode="running")
-    variables = loaded.variables
-    mean, std = jnp.asarray(IMAGENET_MEAN), jnp.asarray(IMAGENET_STD)
+def inference_fn(model: ARMResNet18):
+    """(variables, uint8 (N, S, S, 3)) -> (logits, probabilities) with the running GAR, the function the ONNX
+    graph reproduces. The weights are arguments, so one compiled program serves every checkpoint of an
+    architecture (and XLA does not fold 45 MB of constants into it)."""
+    model = with_runtime(model, gar_mode="running")
+    mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
 
-    def infer(images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def infer(variables: dict[str, Any], images: jax.Array) -> tuple[jax.Array, jax.Array]:
         x = (images.astype(jnp.float32) / 255.0 - mean) / std
         logits = model.apply(variables, x.astype(model.dtype), train=False)
         return logits, jax.nn.softmax(logits, axis=-1)
 
     return infer
+
+
+def jax_inference_fn(loaded: LoadedModel):
+    """uint8 (N, S, S, 3) -> (logits, probabilities): inference_fn with `loaded`'s weights inside."""
+    infer, variables = inference_fn(loaded.model), loaded.variables
+    return lambda images: infer(variables, images)
 
 
 # Every platform jax.export lowers for, whatever machine exports: the model's per-platform forms

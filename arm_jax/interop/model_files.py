@@ -6,6 +6,7 @@ GAR. Training checkpoints (arm_jax.training.checkpoints) hold the same informati
 """
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,11 +88,13 @@ def read_model_description(directory: Path) -> tuple[ARMResNet18, tuple[str, ...
         raise UserError(f"{directory / MODEL_FILE}: not a valid arm-jax model description ({error})") from None
 
 
-def load_model_directory(directory: str | Path) -> LoadedModel:
-    """Read a directory written by `save_model`."""
+def load_model_directory(directory: str | Path, shapes_for: Callable[[dict], Any] | None = None) -> LoadedModel:
+    """Read a directory written by `save_model`; `shapes_for` as load_any_model's."""
     directory = Path(directory).absolute()
     model, class_names = read_model_description(directory)
-    target = expected_shapes(model)
+    target = shapes_for(architecture(model)) if shapes_for is not None else None
+    if target is None:
+        target = expected_shapes(model)
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             variables = checkpointer.restore(directory / VARIABLES_DIR, target)
@@ -108,17 +111,22 @@ def load_pytorch_model(path: str | Path, class_names: tuple[str, ...] | None = N
     return loaded.named(tuple(class_names), str(path)) if class_names else loaded
 
 
-def load_any_model(path: str | Path, class_names: tuple[str, ...] | None = None) -> LoadedModel:
-    """A model from a PyTorch file, a model directory, or a training workdir/checkpoint (best first)."""
+def load_any_model(path: str | Path, class_names: tuple[str, ...] | None = None,
+                   shapes_for: Callable[[dict], Any] | None = None) -> LoadedModel:
+    """A model from a PyTorch file, a model directory, or a training workdir/checkpoint (best first).
+
+    `shapes_for`: architecture dict -> the variables' jax.ShapeDtypeStruct tree to restore a model
+    directory or checkpoint into, or None; by default (and for None) traced from the model's init.
+    """
     path = Path(path)
     if path.is_file() and path.suffix.lower() in WEIGHT_SUFFIXES:
         return load_pytorch_model(path, class_names)
     if (path / MODEL_FILE).is_file():
-        loaded = load_model_directory(path)
+        loaded = load_model_directory(path, shapes_for)
     elif path.is_dir():
-        from arm_jax.training.checkpoints import load_model_from_checkpoint  # the training side's format
+        from arm_jax.training.checkpoint_reading import load_model_from_checkpoint  # the training side's format
 
-        fields, names, variables = load_model_from_checkpoint(path)
+        fields, names, variables = load_model_from_checkpoint(path, shapes_for=shapes_for)
         loaded = LoadedModel(ARMResNet18(**fields), variables, tuple(names))
     else:
         raise UserError(

@@ -1,5 +1,6 @@
 """The served model: a classifier opened as `predict` opens it, its description and its warm-up."""
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -7,6 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from arm_jax.inference.predict import Classifier, OnnxClassifier, open_classifier
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,7 @@ def checkpoint_step(path: Path) -> int | None:
     if path.suffix.lower() == ".onnx" or not path.is_dir():
         return None
     from arm_jax.interop.model_files import MODEL_FILE  # imports JAX: only on the JAX path
-    from arm_jax.training.checkpoints import read_model_info
+    from arm_jax.training.checkpoint_reading import read_model_info
 
     if (path / MODEL_FILE).is_file():
         return None
@@ -35,12 +38,8 @@ def checkpoint_step(path: Path) -> int | None:
 
 
 def warm_up_sizes(backend: str, max_batch: int) -> list[int]:
-    """The batch sizes to run once before serving.
-
-    JaxClassifier pads a batch to a power of two, so each power up to max_batch is one
-    compilation (from the persistent cache after the first start); onnxruntime compiles
-    nothing per shape, and one run allocates its buffers.
-    """
+    """The batch sizes the classifier will run: JaxClassifier pads a batch to a power of two,
+    each power up to max_batch is one executable; onnxruntime compiles nothing per shape."""
     if backend == "onnxruntime":
         return [1]
     sizes = [1]
@@ -50,7 +49,12 @@ def warm_up_sizes(backend: str, max_batch: int) -> list[int]:
 
 
 def open_model(path: str | Path, max_batch: int) -> ServedModel:
-    """Open MODEL (as `predict --checkpoint` takes it) and run every batch size it will see once."""
+    """Open MODEL (as `predict --checkpoint` takes it) and run one image through it.
+
+    Ready then: with JAX, the larger batch sizes are prepared in a background thread
+    (from the program cache in well under a second each, else compiled: seconds each),
+    and until a size is ready its batches are answered in slices of a ready one.
+    """
     path = Path(path)
     start = time.perf_counter()
     classifier = open_classifier(path)
@@ -60,6 +64,11 @@ def open_model(path: str | Path, max_batch: int) -> ServedModel:
             "image_size": classifier.image_size, "checkpoint_step": checkpoint_step(path)}
     loaded = time.perf_counter()
     size = classifier.image_size
-    for count in warm_up_sizes(backend, max_batch):
-        classifier.probabilities(np.zeros((count, size, size, 3), np.uint8))
+    classifier.probabilities(np.zeros((1, size, size, 3), np.uint8))
+    sizes = warm_up_sizes(backend, max_batch)[1:]
+    if sizes:
+        def done(seconds: float) -> None:
+            log.info("batch sizes %s ready %.1f s after the first", ", ".join(map(str, sizes)), seconds)
+
+        classifier.warm_in_background(sizes, done)
     return ServedModel(classifier, info, loaded - start, time.perf_counter() - loaded)

@@ -1,7 +1,7 @@
 """The `arm-jax serve` process: bind, load and warm the model, serve with uvicorn, stop on SIGTERM.
 
 The port is bound before the model loads (a taken port fails at once) but listens
-only once the model is warm, so a client never waits on a half-started server:
+only once the model has answered one image, so a client never waits on a half-started server:
 until the "ready" line it is refused, afterwards answered. On SIGTERM or Ctrl-C
 uvicorn stops listening, lets the requests in progress finish (at most the
 request timeout), then the batcher stops; the process then ends by that signal.
@@ -70,7 +70,7 @@ def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, confi
         async def startup(self, sockets=None):
             await super().startup(sockets)
             if not self.should_exit:
-                log.info("ready: %s (%s) on %s; model loaded in %.1f s, warmed up in %.1f s, listening %.1f s "
+                log.info("ready: %s (%s) on %s; model loaded in %.1f s, first image in %.1f s, listening %.1f s "
                          "after the command's imports", model, served.info["backend"], url, served.load_s,
                          served.warm_up_s, time.perf_counter() - started)
 

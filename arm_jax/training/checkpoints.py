@@ -6,7 +6,8 @@ Each checkpoint (a step directory) holds four items:
 - 'progress' (JSON): epoch, batches done in it, the data iterator's state, the step key,
   the partial epoch's metric sums, the best validation WA so far, the last validation;
 - 'model' (JSON): {'architecture', 'class_names', 'dataset', 'image_size'}, so a model
-  can be rebuilt from the checkpoint alone (`load_model_from_checkpoint`).
+  can be rebuilt from the checkpoint alone (`load_model_from_checkpoint`, in
+  arm_jax.training.checkpoint_reading, which reads it without importing orbax).
 Two managers rather than one with `best_fn`: orbax keeps either the newest or the best N
 steps, and a run needs both (resume from the newest, evaluate the best).
 """
@@ -25,12 +26,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from arm_jax.errors import UserError
+from arm_jax.training.checkpoint_reading import (  # noqa: F401 -- the reading side, re-exported
+    KINDS, _describe, load_model_from_checkpoint, read_model_info)
 from arm_jax.training.distributed import barrier
 from arm_jax.training.state import TrainState
 
 log = logging.getLogger(__name__)
 
-KINDS = ("latest", "best")
 # Errors of a write that found no room (full disk, quota, file-size limit).
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _NO_SPACE_TEXT = ("No space left on device", "Disk quota exceeded", "File too large")
@@ -270,11 +272,6 @@ class _NoSpaceReportedOnce(logging.Filter):
 logging.getLogger("absl").addFilter(_NoSpaceReportedOnce())
 
 
-def _describe(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text[:300]}"
-
-
 def _free_name(path: Path, suffix: str) -> Path:
     aside = path.with_name(f"{path.name}.{suffix}")
     n = 1
@@ -282,107 +279,3 @@ def _free_name(path: Path, suffix: str) -> Path:
         n += 1
         aside = path.with_name(f"{path.name}.{suffix}{n}")
     return aside
-
-
-def _locate(path: str | Path, which: str) -> tuple[Path, int | None]:
-    """(manager directory, step or None for its newest) for a workdir, checkpoints dir,
-    manager dir ('latest'/'best') or one step's directory."""
-    if which not in KINDS:
-        raise UserError(f"which: {which!r} is not one of {', '.join(KINDS)}")
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such checkpoint or work directory")
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    if (path / which).is_dir():
-        path = path / which
-    if (path / "model").is_dir() and path.name.isdigit():  # one step's directory
-        return path.parent, int(path.name)
-    return path, None
-
-
-def _steps_to_try(path: str | Path, which: str) -> list[tuple[Path, int]]:
-    """(manager directory, step), newest first: the one step asked for, or every step of
-    `which` (then, for 'best', of 'latest') when a directory of checkpoints is given."""
-    directory, step = _locate(path, which)
-    if step is not None:
-        return [(directory, step)]
-    directories = [directory]
-    if which == "best" and directory.name == "best":
-        directories.append(directory.parent / "latest")  # if no best is intact, the newest
-    found = [(d, int(p.name)) for d in directories if d.is_dir() for p in d.iterdir()
-             if p.name.isdigit() and p.is_dir()]  # orbax's finished step directories
-    found.sort(key=lambda item: (item[0] != directory, -item[1]))
-    if not found:
-        raise UserError(f"{directory}: holds no checkpoint (looked for '{which}' under {path})")
-    return found
-
-
-def _first_intact(path: str | Path, which: str, load):
-    """load(directory, step) for the newest step that loads; older ones are fallbacks.
-
-    A step that fails is skipped with a warning naming it; if none loads, the newest's
-    error is the user's.
-    """
-    candidates = _steps_to_try(path, which)
-    first_error = None
-    for directory, step in candidates:
-        where = directory / str(step)
-        try:
-            return load(directory, step)
-        except Exception as err:  # orbax raises many types (ValueError, KeyError, OSError...)
-            if len(candidates) > 1:
-                log.warning("%s: skipped, cannot restore it (%s); trying an older checkpoint",
-                            where, _describe(err))
-            if first_error is None:
-                first_error = (where, err)
-    where, err = first_error
-    reason = f"{_describe(err)}" if len(candidates) == 1 else \
-        f"none of its {len(candidates)} checkpoints restores; the newest: {_describe(err)}"
-    raise UserError(f"{where}: cannot restore this checkpoint: it is incomplete, corrupt or from "
-                    f"an incompatible model/optimizer ({reason})") from err
-
-
-def _read_info(directory: Path, step: int) -> dict:
-    manager = _manager(directory, 1, create=False)
-    info = manager.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore()))["model"]
-    if not isinstance(info, dict) or "architecture" not in info or "class_names" not in info:
-        raise ValueError("its 'model' item lacks architecture/class_names")
-    return info
-
-
-def read_model_info(path: str | Path, which: str = "best") -> tuple[Path, int, dict]:
-    """(step directory, step, the 'model' JSON item) of the newest readable checkpoint."""
-    return _first_intact(path, which, lambda d, step: (d / str(step), step, _read_info(d, step)))
-
-
-def load_model_from_checkpoint(path: str | Path, which: str = "best"):
-    """Rebuild a trained model from its checkpoint alone (the newest intact one).
-
-    Args:
-      path: a workdir, its checkpoints/ directory, checkpoints/<which>, or one step's
-        directory inside it.
-      which: 'best' (highest validation WA; falls back to 'latest') or 'latest'.
-    Returns:
-      (architecture dict for ARMResNet18(**architecture), class_names list, variables
-      {'params', 'batch_stats', 'gar'} as jax arrays).
-    """
-    from arm_jax.models import ARMResNet18
-
-    def load(directory: Path, step: int):
-        info = _read_info(directory, step)
-        try:
-            model = ARMResNet18(**info["architecture"])
-        except TypeError as err:
-            raise ValueError(f"unknown architecture fields ({err})") from err
-        x = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), np.float32)
-        abstract = jax.eval_shape(lambda x: model.init({"params": jax.random.key(0)}, x, train=False), x)
-        # Training saves TrainState.variables, which holds every collection; a model without
-        # Sharing Affinity has no 'gar' in its init, but an empty one in the checkpoint.
-        abstract = {"batch_stats": {}, "gar": {}, **abstract}
-        manager = _manager(directory, 1, create=False)
-        restored = manager.restore(step, args=ocp.args.Composite(
-            variables=ocp.args.StandardRestore(abstract)))
-        return dict(info["architecture"]), list(info["class_names"]), restored["variables"]
-
-    return _first_intact(path, which, load)

@@ -181,3 +181,31 @@ def test_a_corrupt_newest_checkpoint_is_skipped_and_set_aside_with_the_newer_bes
     assert progress == {"epoch": 2} and all(np.all(leaf == 2) for leaf in jax.tree.leaves(restored))
     assert _kept(tmp_path, "latest") == ["1", "2", "3.corrupt"] and _kept(tmp_path, "best") == ["3.superseded"]
     assert read_model_info(tmp_path, which="best")[1] == 2
+
+
+def test_a_model_without_sharing_affinity_loads_from_its_checkpoint(tmp_path, monkeypatch):
+    """Training saves every collection, so a --no-affinity model's checkpoint holds an empty
+    'gar' that its init lacks: both readers (tensorstore's direct read and orbax's, the
+    fallback for layouts the direct read does not know) must restore it."""
+    from arm_jax.training import checkpoint_reading
+
+    model = ARMResNet18(num_classes=7, image_size=64, affinity=False)
+    tx = make_optimizer(TrainConfig(), steps_per_epoch=5)
+    x = jax.ShapeDtypeStruct((1, 64, 64, 3), np.float32)
+    shapes = jax.eval_shape(lambda x: TrainState.create(model.init(jax.random.key(0), x, train=False), tx), x)
+    rng = np.random.default_rng(1)
+    state = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(a.dtype) if np.issubdtype(a.dtype, np.floating)
+                         else np.full(a.shape, 3, a.dtype), shapes)
+    state = state.replace(gar={})  # as training's variables: every collection, the GAR's empty
+    ckpt = Checkpoints(tmp_path)
+    assert ckpt.save(state, {"epoch": 1, "batches_done": 0, "data_state": "{}", "rng": [0, 0]},
+                     {**_info(model), "image_size": 64})
+    ckpt.wait()
+    want = jax.tree.leaves(state.params)
+    for direct in (True, False):
+        if not direct:
+            monkeypatch.setattr(checkpoint_reading, "read_variables", lambda item, abstract: None)
+        arch, _, variables = load_model_from_checkpoint(tmp_path, which="latest")
+        assert ARMResNet18(**arch) == model
+        for a, b in zip(want, jax.tree.leaves(variables["params"]), strict=True):
+            assert np.array_equal(a, np.asarray(b)), direct

@@ -23,13 +23,17 @@ def model_and_state():
     as after training. Drawn in numpy for the shapes jax.eval_shape gives: a compiled init spent
     ~25 s of CPU (mostly compiling its threefry draws) on values replaced here anyway."""
     model = ARMResNet18(num_classes=7, image_size=96)
+    return model, _distinctive_state(model, seed=0)
+
+
+def _distinctive_state(model: ARMResNet18, seed: int) -> TrainState:
+    """A training state of `model` with random float leaves and counts of 3, drawn in numpy."""
     tx = make_optimizer(TrainConfig(), steps_per_epoch=5)
-    x = jax.ShapeDtypeStruct((1, 96, 96, 3), np.float32)
+    x = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), np.float32)
     shapes = jax.eval_shape(lambda x: TrainState.create(model.init(jax.random.key(0), x, train=False), tx), x)
-    rng = np.random.default_rng(0)
-    state = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(a.dtype) if np.issubdtype(a.dtype, np.floating)
-                         else np.full(a.shape, 3, a.dtype), shapes)
-    return model, state
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: rng.normal(size=a.shape).astype(a.dtype) if np.issubdtype(a.dtype, np.floating)
+                        else np.full(a.shape, 3, a.dtype), shapes)
 
 
 def _info(model):
@@ -190,13 +194,7 @@ def test_a_model_without_sharing_affinity_loads_from_its_checkpoint(tmp_path, mo
     from arm_jax.training import checkpoint_reading
 
     model = ARMResNet18(num_classes=7, image_size=64, affinity=False)
-    tx = make_optimizer(TrainConfig(), steps_per_epoch=5)
-    x = jax.ShapeDtypeStruct((1, 64, 64, 3), np.float32)
-    shapes = jax.eval_shape(lambda x: TrainState.create(model.init(jax.random.key(0), x, train=False), tx), x)
-    rng = np.random.default_rng(1)
-    state = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(a.dtype) if np.issubdtype(a.dtype, np.floating)
-                         else np.full(a.shape, 3, a.dtype), shapes)
-    state = state.replace(gar={})  # as training's variables: every collection, the GAR's empty
+    state = _distinctive_state(model, seed=1).replace(gar={})  # as training's variables: every collection, the GAR's empty
     ckpt = Checkpoints(tmp_path)
     assert ckpt.save(state, {"epoch": 1, "batches_done": 0, "data_state": "{}", "rng": [0, 0]},
                      {**_info(model), "image_size": 64})

@@ -325,7 +325,7 @@ def test_evaluate_predict_and_calibrate_on_the_trained_checkpoint(trained_workdi
     from PIL import Image
 
     from arm_jax.data.synthetic import SyntheticSplit
-    from arm_jax.data.transforms import resize_uint8
+    from arm_jax.data.base import resize_uint8
     from arm_jax.inference.calibrate import calibrate_gar
     from arm_jax.inference.evaluate import predict_split
     from arm_jax.inference.runner import batched_logits

@@ -69,11 +69,13 @@ def cached_download(url: str, *, progress: bool = True) -> Path:
                         "different file); delete it to download it again")
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".part")
-    import urllib.error  # with urllib.request: 0.1-0.2 s of imports, which cache_dir's users (predict) skip
+    # Imported here, not at the top: with urllib.request 0.1-0.2 s of imports, which cache_dir's users
+    # (predict) skip. A name of its own: `import urllib.error` would make `urllib` local to this function.
+    from urllib.error import URLError
 
     try:
         _download(url, partial, progress)
-    except (urllib.error.URLError, OSError, ValueError) as error:
+    except (URLError, OSError, ValueError) as error:
         partial.unlink(missing_ok=True)
         raise UserError(
             f"cannot download {url} ({getattr(error, 'reason', error)}). Without internet "

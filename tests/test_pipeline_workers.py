@@ -45,11 +45,14 @@ def test_run_loader_starts_workers_once_and_equals_per_epoch_loaders():
     assert steps == 21 and all(len(batches) == steps for batches in per_epoch)
     options = dict(batch_size=4, seed=0, sampler="mrr", image_size=16, shard_index=0, shard_count=1,
                    worker_count=2, last_epoch=3)
+    # Children of earlier loaders (an earlier test's, in this process) may still be exiting:
+    # only processes started by this loader count as its workers.
+    earlier = {child.pid for child in multiprocessing.active_children()}
     iterator = iter(pipeline.make_run_loader(split, first_epoch=0, **options))
     pids = []
     for epoch in range(3):
         _same([next(iterator) for _ in range(steps)], per_epoch[epoch])
-        pids.append(sorted(child.pid for child in multiprocessing.active_children()))
+        pids.append(sorted(child.pid for child in multiprocessing.active_children() if child.pid not in earlier))
         if epoch == 1:  # mid-run state after epoch 1 batch 0: a fresh loader resumes exactly
             head = next(iterator)
             state = iterator.get_state()

@@ -103,7 +103,7 @@ def train_released_recipe(train_images: list[np.ndarray], train_labels: np.ndarr
     rng = np.random.default_rng(recipe.seed)
     order_generator = torch.Generator().manual_seed(recipe.seed)
     erase_generator = torch.Generator().manual_seed(recipe.seed + 1)
-    model = TorchARMResNet18(num_classes=num_classes, image_size=recipe.image_size)
+    model = TorchARMResNet18(num_classes=num_classes, image_size=recipe.image_size, torchvision_init=True)
     if backbone is not None:
         load_backbone(model, backbone)
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)

@@ -14,7 +14,10 @@ from arm_jax.models.conv import plain_conv, polyphase_input_grad, strided_conv, 
 
 # (height, width, kernel, stride, padding): ResNet-18's strided convs (3x3/2 pad 1, 1x1/2)
 # at odd and even sides, plus a stride 3 and a kernel smaller than its stride (phases without taps).
-CASES = [(9, 8, 3, 2, 1), (9, 8, 1, 2, 0), (10, 11, 5, 3, 2), (6, 6, 2, 3, 0)]
+# The fast tier runs the 3x3/2 and the phases without taps; the slow tier adds the rest (3-4 s each).
+SLOW = pytest.mark.slow
+CASES = [(9, 8, 3, 2, 1), pytest.param(9, 8, 1, 2, 0, marks=SLOW), pytest.param(10, 11, 5, 3, 2, marks=SLOW),
+         (6, 6, 2, 3, 0)]
 
 
 def _relative(got, want) -> float:
@@ -51,7 +54,8 @@ def test_custom_gradients_equal_plain_conv_gradients(height, width, kernel_size,
 
 # ResNet-18's float64 shapes: conv1 (7x7/2 pad 3), 3x3/1 and /2 pad 1, the 1x1/2 projection;
 # odd and even sides.
-TAP_CASES = [(11, 10, 7, 2, 3), (5, 5, 3, 1, 1), (9, 8, 3, 2, 1), (9, 8, 1, 2, 0)]
+TAP_CASES = [(11, 10, 7, 2, 3), (5, 5, 3, 1, 1), pytest.param(9, 8, 3, 2, 1, marks=SLOW),
+             pytest.param(9, 8, 1, 2, 0, marks=SLOW)]
 
 
 @pytest.mark.parametrize(("height", "width", "kernel_size", "stride", "padding"), TAP_CASES)

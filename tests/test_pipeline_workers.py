@@ -91,6 +91,7 @@ def test_validation_workers_start_once_and_serve_every_pass_as_a_per_epoch_loade
     assert len(pids[0]) >= 2 and pids[0] == pids[1] == pids[2], pids
 
 
+@pytest.mark.slow  # fast tier: grain worker processes (test_distributed.py maps an in-process loader's state)
 def test_a_run_loader_state_from_process_0_resumes_process_1_on_its_own_share(monkeypatch):
     """Checkpoints hold process 0's grain state; training/distributed maps it onto another shard.
     With run loaders (2 shards, 2 workers, 9 batches: into the second epoch) the mapped state

@@ -65,7 +65,7 @@ def test_a_workdir_answers_as_the_plain_jit_first_and_from_the_cache(tmp_path, p
 
 
 def test_a_changed_checkpoint_is_answered_with_its_own_weights(tmp_path, program_dir):
-    """A retrained checkpoint shares the program (weights are arguments); another architecture gets its own."""
+    """A retrained checkpoint shares the program: the weights are arguments."""
     images = faces(2, seed=3)
     workdir = write_workdir(tmp_path / "run", small_model(SIZE, seed=1), step=1)
     before = JaxClassifier(workdir).probabilities(images)
@@ -77,6 +77,11 @@ def test_a_changed_checkpoint_is_answered_with_its_own_weights(tmp_path, program
     assert np.abs(after - before).max() > 1e-3
     assert len(list(program_dir.glob("*.jaxexport"))) == 1
 
+
+@pytest.mark.slow  # fast tier: a second architecture's export and compilation
+def test_another_architecture_gets_its_own_program(tmp_path, program_dir):
+    workdir = write_workdir(tmp_path / "run", small_model(SIZE, seed=1), step=1)
+    JaxClassifier(workdir).probabilities(faces(1))
     larger = small_model(96, seed=1)
     shutil.rmtree(workdir)
     write_workdir(workdir, larger, step=3)
@@ -149,6 +154,7 @@ def test_checkpoint_arrays_read_directly_equal_orbax_restore(tmp_path, monkeypat
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(through_orbax), jax.tree.leaves(direct)))
 
 
+@pytest.mark.slow  # fast tier: two predict processes
 def test_a_second_predict_on_a_workdir_imports_neither_flax_orbax_nor_scipy(tmp_path):
     workdir = write_workdir(tmp_path / "run", small_model(SIZE, seed=1), step=1)
     face = write_image(tmp_path / "face.png", faces(1)[0])

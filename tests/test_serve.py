@@ -187,6 +187,7 @@ def raw_request(url: str, head: bytes, body: bytes, wait_s: float) -> tuple[byte
         return reply, time.monotonic() - started
 
 
+@pytest.mark.slow  # fast tier: waits out the server's --timeout-s
 def test_a_slow_body_gets_408_while_others_are_served(server, models, expected):
     """A client that announces 100 kB and sends 1 kB gets 408 after --timeout-s; others meanwhile are not held up."""
     head = (b"POST /v1/predict HTTP/1.1\r\nHost: test\r\nContent-Type: image/png\r\n"
@@ -257,6 +258,7 @@ def wait_for_in_progress(url: str, count: int, within_s: float = 30) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.slow  # fast tier: starts a server of its own, whose batches wait 3 s
 def test_full_queue_answers_503_at_once(models, expected, tmp_path):
     """--max-queue 2, and batches that wait 3 s for more faces: the third request is turned away at once."""
     crop = models.crops[3].read_bytes()
@@ -278,6 +280,7 @@ def test_full_queue_answers_503_at_once(models, expected, tmp_path):
         assert_serves_a_good_request(server.url, models, expected)
 
 
+@pytest.mark.slow  # fast tier: starts and stops a server of its own
 def test_sigterm_finishes_the_request_in_progress_and_refuses_new_ones(models, expected, tmp_path):
     crop = models.crops[3].read_bytes()
     server = ServerProcess(models.onnx, tmp_path / "server.log", "--max-batch", "64", "--max-wait-ms", "3000")

@@ -23,6 +23,9 @@ QUIET_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", 
 FAKE_CAMERA_FLAGS = ("--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream")
 WAIT_S = 60
 
+# Slow tier: a Chromium process and a server of its own (the fast tier checks the API in test_serve.py).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):

@@ -1,5 +1,6 @@
-"""XLA:CPU tuning: a flag arm-jax sets in `XLA_FLAGS` before JAX starts its backend, and
-the compiler options its training steps are compiled with.
+"""XLA:CPU tuning: a flag `configure_cpu()` sets in `XLA_FLAGS` before JAX starts its backend
+(the `arm-jax` command calls it; importing arm_jax does not), and the compiler options its
+training steps are compiled with.
 
 jaxlib 0.10 sends float32 convolutions to YNNPACK, whose filter-gradient convs
 run several times slower than Eigen's on the ResNet-18 training step (measured:
@@ -20,6 +21,7 @@ import importlib.util
 import mmap
 import os
 import sys
+import warnings
 from pathlib import Path
 
 YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
@@ -70,12 +72,19 @@ def _backend_started() -> bool:
     return bool(getattr(bridge, "_backends", None))
 
 
-def apply_xla_cpu_tuning() -> None:
-    """Set the YNN flag in `os.environ["XLA_FLAGS"]` where it applies (see the module docstring)."""
+def configure_cpu() -> None:
+    """Add the YNN flag to `os.environ["XLA_FLAGS"]` where it applies (see the module docstring).
+    Call it before JAX starts its backend (the first computation or device query): JAX reads
+    `XLA_FLAGS` once, so a later call changes nothing and warns.
+    """
     tuning, current = os.environ.get(TUNING_ENV), os.environ.get("XLA_FLAGS")
-    if merged_xla_flags(current, tuning, True) == current or _backend_started():
-        return  # opted out or set by the user: skip the library scan
-    merged = merged_xla_flags(current, tuning, jaxlib_knows_ynn_flag())
+    if merged_xla_flags(current, tuning, True) == current:
+        return  # opted out, or set by the user: skip the library scan
+    if _backend_started():
+        warnings.warn("arm_jax.configure_cpu() was called after JAX started its backend, which has read "
+                      "XLA_FLAGS already: call it before the first JAX computation", stacklevel=2)
+        return
+    merged = merged_xla_flags(current, tuning, jaxlib_knows_ynn_flag())  # a ~20 ms scan of jaxlib
     if merged is not None and merged != current:
         os.environ["XLA_FLAGS"] = merged
 

@@ -5,6 +5,7 @@ import sys
 
 import click
 
+from arm_jax import configure_cpu
 from arm_jax.errors import UserError
 
 # name -> "module:function". Commands are imported only when run, so that `arm-jax predict
@@ -23,7 +24,13 @@ COMMANDS = {
 
 
 class ArmJaxGroup(click.Group):
-    """Imports each command when it is used; reports a UserError as a one-line message (exit code 2)."""
+    """Applies the XLA:CPU tuning (arm_jax.configure_cpu), imports each command when it is used,
+    and reports a UserError as a one-line message (exit code 2)."""
+
+    def main(self, *args, **kwargs):
+        # Before a command's module imports JAX: XLA_FLAGS is read when its backend starts.
+        configure_cpu()
+        return super().main(*args, **kwargs)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)

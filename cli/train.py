@@ -100,7 +100,10 @@ def _log_to_stderr(verbose: bool = False) -> None:
 
 
 def main() -> None:
-    """`python -m cli.train ...`: the command alone, reporting UserError like the group."""
+    """`python -m cli.train ...`: the command alone, tuned and reporting UserError like the group."""
+    from arm_jax import configure_cpu
+
+    configure_cpu()  # before anything starts JAX's backend, as cli.main's group does
     try:
         train()
     except UserError as error:

@@ -28,7 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # arm_jax from a checkout
 
-import arm_jax  # noqa: E402,F401  (sets XLA_FLAGS before JAX starts its backend)
+import arm_jax  # noqa: E402
+
+arm_jax.configure_cpu()  # XLA_FLAGS, before JAX starts its backend: as the arm-jax command runs
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

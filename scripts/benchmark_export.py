@@ -18,7 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ and arm_jax from a checkout
 
-import arm_jax  # noqa: E402,F401  (sets XLA_FLAGS before JAX starts its backend)
+import arm_jax  # noqa: E402
+
+arm_jax.configure_cpu()  # XLA_FLAGS, before JAX starts its backend: as the arm-jax command runs
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import onnxruntime  # noqa: E402

@@ -28,7 +28,9 @@ import results_table  # noqa: E402  (scripts/, beside this file)
 
 
 def measure(args) -> dict:
-    import arm_jax  # noqa: F401  (XLA flags before jax starts)
+    import arm_jax
+
+    arm_jax.configure_cpu()  # XLA_FLAGS, before JAX starts its backend: as the arm-jax command runs
     from arm_jax.training import loop
     from arm_jax.training.config import TrainConfig
     from arm_jax.training.feed import Timings

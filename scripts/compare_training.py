@@ -174,7 +174,9 @@ def markdown_row(record: dict) -> dict[str, str]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    import arm_jax  # noqa: F401  (XLA flags before JAX starts)
+    import arm_jax
+
+    arm_jax.configure_cpu()  # XLA_FLAGS, before JAX starts its backend: as the arm-jax command runs
     from arm_jax.reproduce import curves
 
     try:

@@ -120,7 +120,9 @@ def main() -> None:
     sizes = SMOKE if args.smoke else FULL
     if args.smoke:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    import arm_jax  # noqa: F401  (XLA_FLAGS before JAX starts)
+    import arm_jax
+
+    arm_jax.configure_cpu()  # XLA_FLAGS, before JAX starts its backend: as the arm-jax command runs
     import jax
 
     if not args.smoke and jax.default_backend() != "gpu":

@@ -36,6 +36,9 @@ def pytest_configure(config):
     per-module setting is ignored after the first module; here it is set once for the
     session, and exported so that subprocesses the tests start (the CLI, scripts) share it.
     """
+    import arm_jax
+
+    arm_jax.configure_cpu()  # the XLA:CPU tuning the arm-jax command applies, before JAX starts here
     import jax
 
     # Under pytest-xdist the controller configures first and its workers inherit its

@@ -94,15 +94,15 @@ def write_workdir(workdir: Path, loaded, step: int) -> Path:
     import optax
 
     from arm_jax.models import architecture
-    from arm_jax.training.checkpoints import Checkpoints
+    from arm_jax.training.checkpoints import Checkpoints, Progress
     from arm_jax.training.state import TrainState
 
     variables = loaded.variables
     state = TrainState(step=np.int32(step), params=variables["params"], batch_stats=variables["batch_stats"],
                        gar=variables["gar"], opt_state=optax.adam(1e-3).init(variables["params"]))
     checkpoints = Checkpoints(workdir)
-    checkpoints.save(state, {"epoch": 1}, {"architecture": architecture(loaded.model),
-                                           "class_names": list(loaded.class_names)})
+    checkpoints.save(state, Progress(step_key=(0, 0), epoch=1), {"architecture": architecture(loaded.model),
+                                                                  "class_names": list(loaded.class_names)})
     checkpoints.close()
     return workdir
 

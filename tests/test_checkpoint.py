@@ -1,6 +1,8 @@
 """Checkpoints: exact round trip (arrays and optax state types), background saves, model rebuild,
 which step is kept and restored (latest, best, a corrupt newest), bad files."""
 
+import json
+import re
 import threading
 import time
 
@@ -10,11 +12,13 @@ import optax
 import pytest
 
 from arm_jax.errors import UserError
-from arm_jax.training.checkpoints import Checkpoints, load_model_from_checkpoint, read_model_info
+from arm_jax.training.checkpoints import Checkpoints, Progress, load_model_from_checkpoint, read_model_info
 from arm_jax.training.config import TrainConfig
 from arm_jax.models import ARMResNet18, architecture
 from arm_jax.training.optim import make_optimizer
 from arm_jax.training.state import TrainState
+
+KEY = (0, 7)  # a step key's data, as Progress stores it
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +48,7 @@ def _info(model):
 def test_round_trip_is_exact_and_keeps_optax_types(tmp_path, model_and_state):
     model, state = model_and_state
     ckpt = Checkpoints(tmp_path, keep=2)
-    progress = {"epoch": 1, "batches_done": 2, "data_state": '{"a": 1}', "rng": [1, 2]}
+    progress = Progress(step_key=(1, 2), epoch=1, batches_done=2, data_state='{"a": 1}', sums={"count": 8})
     assert ckpt.save(state, progress, _info(model))
     assert not ckpt.save(state, progress, _info(model))  # same step: nothing new
     ckpt.wait()
@@ -81,7 +85,7 @@ def test_background_save_writes_what_save_would_and_raises_its_failure_later(tmp
         read_in.append(threading.current_thread())
         return state
 
-    ckpt.save_in_background(host_state, {"epoch": 1}, _info(model), kinds=("latest", "best"))
+    ckpt.save_in_background(host_state, Progress(KEY, epoch=1), _info(model), kinds=("latest", "best"))
     ckpt.wait()
     assert read_in and read_in[0] is not threading.main_thread()
     for which in ("latest", "best"):
@@ -93,11 +97,11 @@ def test_background_save_writes_what_save_would_and_raises_its_failure_later(tmp
     def broken():
         raise RuntimeError("the state could not be read")
 
-    ckpt.save_in_background(broken, {"epoch": 2}, _info(model))
+    ckpt.save_in_background(broken, Progress(KEY, epoch=2), _info(model))
     with pytest.raises(RuntimeError, match="could not be read"):
         ckpt.wait()
     ckpt.wait()  # raised once: the run can still close its checkpoints
-    ckpt.save_in_background(broken, {"epoch": 2}, _info(model))
+    ckpt.save_in_background(broken, Progress(KEY, epoch=2), _info(model))
     while True:  # raise_if_failed never waits: it raises once the job has ended
         try:
             ckpt.raise_if_failed()
@@ -111,7 +115,7 @@ def test_background_save_writes_what_save_would_and_raises_its_failure_later(tmp
 def test_corrupt_checkpoint_is_a_user_error(tmp_path, model_and_state):
     model, state = model_and_state
     ckpt = Checkpoints(tmp_path)
-    ckpt.save(state, {"epoch": 0}, _info(model))
+    ckpt.save(state, Progress(KEY, epoch=0), _info(model))
     ckpt.wait()
     step_dir = tmp_path / "checkpoints" / "latest" / str(int(state.step))
     for f in (step_dir / "variables").rglob("*"):
@@ -123,7 +127,7 @@ def test_corrupt_checkpoint_is_a_user_error(tmp_path, model_and_state):
     # the folder, and the checkpoint is left where it is (not set aside as corrupt).
     intact = tmp_path / "intact"
     writer = Checkpoints(intact)
-    writer.save(state, {"epoch": 0}, _info(model))
+    writer.save(state, Progress(KEY, epoch=0), _info(model))
     writer.wait()
     other = jax.tree.map(np.zeros_like, state).replace(params={"x": np.zeros(3)})
     with pytest.raises(UserError, match=f"{intact / 'checkpoints' / 'latest'}: no intact checkpoint"):
@@ -151,7 +155,7 @@ def _save_steps(workdir, steps, best, keep=2):
     for the steps in `best`."""
     ckpt = Checkpoints(workdir, keep=keep)
     for step in steps:
-        ckpt.save_in_background(lambda step=step: _small_state(step), {"epoch": step}, SMALL_INFO,
+        ckpt.save_in_background(lambda step=step: _small_state(step), Progress(KEY, epoch=step), SMALL_INFO,
                                 kinds=("latest", "best") if step in best else ("latest",))
     ckpt.close()
 
@@ -166,7 +170,7 @@ def test_latest_keeps_the_newest_and_best_keeps_the_last_one_saved_as_best(tmp_p
     _save_steps(tmp_path, steps=range(1, 6), best=(2, 3))
     assert _kept(tmp_path, "latest") == ["4", "5"] and _kept(tmp_path, "best") == ["3"]
     restored, progress = Checkpoints(tmp_path).restore_latest(_small_state(0))
-    assert progress == {"epoch": 5}
+    assert progress == Progress(KEY, epoch=5)
     assert all(np.all(leaf == 5) for leaf in jax.tree.leaves(restored))
     assert read_model_info(tmp_path, which="best")[1] == 3
     assert read_model_info(tmp_path, which="latest")[1] == 5
@@ -182,7 +186,7 @@ def test_a_corrupt_newest_checkpoint_is_skipped_and_set_aside_with_the_newer_bes
         if f.is_file() and f.stat().st_size > 0:
             f.write_bytes(b"garbage")
     restored, progress = Checkpoints(tmp_path).restore_latest(_small_state(0))
-    assert progress == {"epoch": 2} and all(np.all(leaf == 2) for leaf in jax.tree.leaves(restored))
+    assert progress == Progress(KEY, epoch=2) and all(np.all(leaf == 2) for leaf in jax.tree.leaves(restored))
     assert _kept(tmp_path, "latest") == ["1", "2", "3.corrupt"] and _kept(tmp_path, "best") == ["3.superseded"]
     assert read_model_info(tmp_path, which="best")[1] == 2
 
@@ -196,7 +200,7 @@ def test_a_model_without_sharing_affinity_loads_from_its_checkpoint(tmp_path, mo
     model = ARMResNet18(num_classes=7, image_size=64, affinity=False)
     state = _distinctive_state(model, seed=1).replace(gar={})  # as training's variables: every collection, the GAR's empty
     ckpt = Checkpoints(tmp_path)
-    assert ckpt.save(state, {"epoch": 1, "batches_done": 0, "data_state": "{}", "rng": [0, 0]},
+    assert ckpt.save(state, Progress(KEY, epoch=1),
                      {**_info(model), "image_size": 64})
     ckpt.wait()
     want = jax.tree.leaves(state.params)
@@ -207,3 +211,35 @@ def test_a_model_without_sharing_affinity_loads_from_its_checkpoint(tmp_path, mo
         assert ARMResNet18(**arch) == model
         for a, b in zip(want, jax.tree.leaves(variables["params"]), strict=True):
             assert np.array_equal(a, np.asarray(b)), direct
+
+
+def _edit_progress(step_dir, edit) -> None:
+    """Rewrite a checkpoint's 'progress' JSON (orbax's JsonCheckpointHandler file) through `edit(dict)`."""
+    path = step_dir / "progress" / "metadata"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(format=2), "progress format 2"),
+    (lambda d: d.update(lr_scale=0.5), "unknown fields: ['lr_scale']"),
+    (lambda d: d.pop("sums"), "missing: ['sums']"),
+])
+def test_a_progress_of_another_format_is_refused_by_name_and_nothing_is_set_aside(tmp_path, edit, message):
+    _save_steps(tmp_path, steps=range(1, 3), best=())
+    newest = tmp_path / "checkpoints" / "latest" / "2"
+    _edit_progress(newest, edit)
+    with pytest.raises(UserError, match=re.escape(message)) as error:
+        Checkpoints(tmp_path).restore_latest(_small_state(0))
+    assert str(newest) in str(error.value)
+    assert _kept(tmp_path, "latest") == ["1", "2"]
+
+
+def test_a_progress_written_before_the_format_version_reads_as_format_1(tmp_path):
+    """Checkpoints of arm-jax before the 'format' field: the same fields, 'val' absent before the
+    first epoch's end."""
+    _save_steps(tmp_path, steps=[1], best=())
+    _edit_progress(tmp_path / "checkpoints" / "latest" / "1", lambda d: [d.pop("format"), d.pop("val")])
+    _, progress = Checkpoints(tmp_path).restore_latest(_small_state(0))
+    assert progress == Progress(KEY, epoch=1)

@@ -3,8 +3,9 @@
 Each checkpoint (a step directory) holds four items:
 - 'variables': {'params', 'batch_stats', 'gar'}: all evaluate/predict need;
 - 'optimizer': {'opt_state', 'step'}: Adam's moments and the step count;
-- 'progress' (JSON): epoch, batches done in it, the data iterator's state, the step key,
-  the partial epoch's metric sums, the best validation WA so far, the last validation;
+- 'progress' (JSON): a `Progress` (epoch, batches done in it, the data iterator's state, the
+  step key, the partial epoch's metric sums, the best validation WA so far, the last
+  validation) with its format version;
 - 'model' (JSON): {'architecture', 'class_names', 'dataset', 'image_size'}, so a model
   can be rebuilt from the checkpoint alone (`load_model_from_checkpoint`, in
   arm_jax.training.checkpoint_reading, which reads it without importing orbax).
@@ -14,6 +15,7 @@ steps, and a run needs both (resume from the newest, evaluate the best).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -38,6 +40,47 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _NO_SPACE_TEXT = ("No space left on device", "Disk quota exceeded", "File too large")
 _ARRAY_ITEMS = ("variables", "optimizer")
 _JSON_ITEMS = ("progress", "model")
+
+
+# The layout of the 'progress' item. A change of its fields is a new format: raise this, and
+# checkpoints of the other format are refused by name instead of resuming with wrong values.
+PROGRESS_FORMAT = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """Where a run stands between two steps: what a resume needs besides the arrays."""
+
+    step_key: tuple[int, ...]  # jax.random.key_data of the run's step key (checked against --seed)
+    epoch: int = 0  # epochs finished
+    batches_done: int = 0  # batches of epoch `epoch` trained
+    data_state: str | None = None  # the training loader's grain state after them (mid-epoch only)
+    data_loader: dict | None = None  # the run loader it is from: {'first_epoch', 'last_epoch'}
+    sums: dict | None = None  # the partial epoch's metric sums (training/loop.py `_Sums`)
+    best_wa: float | None = None  # the best validation WA so far, after epoch `best_epoch` (1-based)
+    best_epoch: int | None = None
+    val: dict | None = None  # the last validation: {'wa', 'ua'}
+
+    def to_json(self) -> dict:
+        return {"format": PROGRESS_FORMAT, **dataclasses.asdict(self), "step_key": list(self.step_key)}
+
+    @classmethod
+    def from_json(cls, data: dict, where: Path) -> Progress:
+        """The Progress a checkpoint's JSON holds; a UserError naming `where` when its format or
+        fields are not this version's. Checkpoints from before the format version (arm-jax 0.1
+        at commit ad38d44 and earlier) carry the same fields without it and are read alike."""
+        fields = {field.name for field in dataclasses.fields(cls)}
+        found = data.get("format", PROGRESS_FORMAT)
+        if found != PROGRESS_FORMAT:
+            raise UserError(f"{where}: written by another version of arm-jax (progress format {found!r}; this "
+                            f"version reads {PROGRESS_FORMAT}): resume it with that version, or train in a new --workdir")
+        given = set(data) - {"format"}
+        required = fields - ({"val"} if "format" not in data else set())  # unversioned: no 'val' before the first epoch end
+        if given - fields or required - given:
+            raise UserError(f"{where}: its progress item does not fit format {PROGRESS_FORMAT} (unknown fields: "
+                            f"{sorted(given - fields) or 'none'}; missing: {sorted(required - given) or 'none'})")
+        values = {name: data[name] for name in given}
+        return cls(**{**values, "step_key": tuple(values["step_key"])})
 
 
 def _manager(directory: Path, keep: int, *, create: bool) -> ocp.CheckpointManager:
@@ -73,13 +116,13 @@ class Checkpoints:
         self.latest = _manager(self.root / "latest", self.keep, create=True)
         self.best = _manager(self.root / "best", 1, create=True)
 
-    def save(self, host_state: TrainState, progress: dict, model_info: dict, *,
+    def save(self, host_state: TrainState, progress: Progress, model_info: dict, *,
              kind: str = "latest") -> bool:
         """Save (asynchronously) at the state's step; False if that step is already saved."""
         self._finish_job()
         return self._save(host_state, progress, model_info, kind)
 
-    def save_in_background(self, host_state: Callable[[], TrainState], progress: dict,
+    def save_in_background(self, host_state: Callable[[], TrainState], progress: Progress,
                            model_info: dict, *, kinds: tuple[str, ...] = ("latest",)) -> None:
         """`save(host_state(), ...)` for each of `kinds`, from a thread: the caller goes on at once.
 
@@ -120,13 +163,13 @@ class Checkpoints:
         if job is not None:
             job.result()
 
-    def _save(self, host_state: TrainState, progress: dict, model_info: dict, kind: str) -> bool:
+    def _save(self, host_state: TrainState, progress: Progress, model_info: dict, kind: str) -> bool:
         manager = self.latest if kind == "latest" else self.best
         step = int(host_state.step)
         if step in manager.all_steps():
             return False  # e.g. interrupted again right after resuming: nothing new
         items = {name: ocp.args.StandardSave(tree) for name, tree in _split(host_state).items()}
-        items["progress"] = ocp.args.JsonSave(progress)
+        items["progress"] = ocp.args.JsonSave(progress.to_json())
         items["model"] = ocp.args.JsonSave(model_info)
         # orbax's save first finishes the previous one; finishing it here, apart, lets a failed
         # write be reported under its own step rather than this one.
@@ -143,7 +186,7 @@ class Checkpoints:
         self._finish_job()
         return self.latest.latest_step()
 
-    def restore_latest(self, target: TrainState) -> tuple[TrainState, dict] | None:
+    def restore_latest(self, target: TrainState) -> tuple[TrainState, Progress] | None:
         """The newest intact checkpoint as (numpy state, progress), or None if there is none.
 
         `target` (a state of the same structure, e.g. freshly initialised) gives the tree
@@ -168,6 +211,7 @@ class Checkpoints:
                             _describe(err))
                 failures.append((where, err))
                 continue
+            progress = Progress.from_json(progress, where)  # another format: refused, not set aside
             self._set_aside([w for w, _ in failures], after_step=step)
             optimizer = restored["optimizer"]
             state = TrainState(step=optimizer["step"], opt_state=optimizer["opt_state"],

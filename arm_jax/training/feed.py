@@ -6,12 +6,16 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import jax
 
 from arm_jax.data.pipeline import close_iterator
 from arm_jax.errors import UserError
 from arm_jax.training.distributed import data_state_of_this_process
+
+if TYPE_CHECKING:
+    from arm_jax.training.checkpoints import Progress
 
 
 class TrainBatches:
@@ -37,12 +41,12 @@ class TrainBatches:
         self._ends = 0  # the first epoch the open loader does not serve
         self._served_until = (0, 0)  # (epoch, batch) of the iterator's next batch
 
-    def resume(self, progress: dict) -> None:
+    def resume(self, progress: Progress) -> None:
         """Open the loader a mid-epoch checkpoint was taken from and restore its state there."""
-        epoch, done, saved = progress["epoch"], progress["batches_done"], progress.get("data_state")
+        epoch, done, saved = progress.epoch, progress.batches_done, progress.data_state
         if not (done and saved):
             return  # an epoch start: `next` opens a run loader
-        loader = progress.get("data_loader")
+        loader = progress.data_loader
         if loader is None:  # written by the per-epoch loop
             self._open(epoch, None)
         else:
@@ -64,7 +68,7 @@ class TrainBatches:
         return batch
 
     def position(self) -> dict:
-        """progress entries that resume right after the last batch served (see `resume`)."""
+        """Progress fields that resume right after the last batch served (see `resume`)."""
         first_last = None if self._range is None else dict(zip(("first_epoch", "last_epoch"), self._range))
         return {"data_state": self._iterator.get_state().decode(), "data_loader": first_last}
 

@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from arm_jax import metrics as metrics_lib
-from arm_jax.training.checkpoints import Checkpoints
+from arm_jax.training.checkpoints import Checkpoints, Progress
 from arm_jax.training.config import TrainConfig, check_resumable, save_config
 from arm_jax.training.feed import TrainBatches, ValidationBatches
 from arm_jax.data.base import LabelledSplit, Subset
@@ -151,9 +151,7 @@ def _setup(config: TrainConfig) -> tuple[Run, TrainState, dict]:
     pretrained = None if config.pretrained.lower() == "none" else config.pretrained
     init_model = with_runtime(model, dtype=jnp.float32)
     ckpt = Checkpoints(workdir, keep=config.keep_checkpoints)
-    progress = {"epoch": 0, "batches_done": 0, "data_state": None, "data_loader": None, "sums": None,
-                "best_wa": None, "best_epoch": None,
-                "step_key": np.asarray(jax.random.key_data(step_key)).tolist()}
+    progress = Progress(step_key=tuple(np.asarray(jax.random.key_data(step_key)).tolist()))
     restored = None
     if ckpt.latest_step() is not None:
         # Resuming: the checkpoint holds every value, so the restore target needs only the
@@ -166,7 +164,7 @@ def _setup(config: TrainConfig) -> tuple[Run, TrainState, dict]:
     else:
         state, progress = restored
         log.info("resuming from %s at epoch %d, batch %d (step %d)", ckpt.root / "latest",
-                 progress["epoch"] + 1, progress["batches_done"], int(state.step))
+                 progress.epoch + 1, progress.batches_done, int(state.step))
     is_main = jax.process_index() == 0
     if is_main:
         save_config(config, workdir)  # after the check: records the (possibly raised) epochs
@@ -260,7 +258,7 @@ class _Sums:
         self.values["count"] += int(host["count"])
 
 
-def train_epoch(run: Run, state, progress: dict, stop: StopRequest, batches: TrainBatches,
+def train_epoch(run: Run, state, progress: Progress, stop: StopRequest, batches: TrainBatches,
                 validation: ValidationBatches, timings=None):
     """One epoch (or its rest, when resuming mid-epoch). Returns (state, progress, stopped).
 
@@ -268,8 +266,8 @@ def train_epoch(run: Run, state, progress: dict, stop: StopRequest, batches: Tra
     before the end, so validation batches are ready when the last step is. `timings`
     (feed.Timings), if given, records the waits for batches and the steps.
     """
-    epoch, start = progress["epoch"], progress["batches_done"]
-    sums = _Sums(progress["sums"])
+    epoch, start = progress.epoch, progress.batches_done
+    sums = _Sums(progress.sums)
     every = run.config.checkpoint_every_steps
     bar = tqdm(total=run.steps_per_epoch, initial=start, unit="img", unit_scale=run.config.batch_size,
                desc=f"epoch {epoch + 1}/{run.config.epochs}", leave=False,
@@ -277,7 +275,7 @@ def train_epoch(run: Run, state, progress: dict, stop: StopRequest, batches: Tra
 
     def checkpoint(batches_done: int) -> None:
         sums.flush(run)  # never save a state whose loss has not been checked
-        at = {**progress, "batches_done": batches_done, **batches.position(), "sums": sums.values}
+        at = dataclasses.replace(progress, batches_done=batches_done, **batches.position(), sums=sums.values)
         run.ckpt.save(run.par.host_state(state), at, run.model_info)
 
     batch_index = start
@@ -313,8 +311,8 @@ def train_epoch(run: Run, state, progress: dict, stop: StopRequest, batches: Tra
             timings.add("step", epoch, flushing)
     if stop.signum is not None and batch_index < run.steps_per_epoch:
         checkpoint(batch_index)
-        return state, {**progress, "batches_done": batch_index, "sums": sums.values}, True
-    return state, {**progress, "batches_done": batch_index, "sums": sums.values}, False
+        return state, dataclasses.replace(progress, batches_done=batch_index, sums=sums.values), True
+    return state, dataclasses.replace(progress, batches_done=batch_index, sums=sums.values), False
 
 
 def _epoch_record(run: Run, epoch: int, state, sums: dict, val: dict, seconds: float) -> dict:
@@ -370,20 +368,20 @@ def _train(config: TrainConfig, after_step, timings) -> dict:
     started = time.perf_counter()
     writer = _tensorboard(config, Path(config.workdir))
     run, host_state, progress = _setup(config)
-    if progress["step_key"] != np.asarray(jax.random.key_data(run.step_key)).tolist():
+    if list(progress.step_key) != np.asarray(jax.random.key_data(run.step_key)).tolist():
         raise UserError(f"{run.ckpt.root}: its step key differs from seed {config.seed}'s")
     state = run.par.put_state(host_state)
     batches = TrainBatches(run.train_split, config, batch_size=run.local_batch, seed=run.data_seed,
                            steps_per_epoch=run.steps_per_epoch)
     batches.resume(progress)
     # Opened when first needed (near the end of this launch's first epoch), for the epochs left then.
-    validation = ValidationBatches(lambda: _val_run_loader(run, passes=config.epochs - progress["epoch"]),
+    validation = ValidationBatches(lambda: _val_run_loader(run, passes=config.epochs - progress.epoch),
                                    records=len(run.val_split), batch_size=config.eval_batch_size)
     last = {}
     with StopRequest(after_step) as stop:
         try:
-            while progress["epoch"] < config.epochs:
-                epoch = progress["epoch"]
+            while progress.epoch < config.epochs:
+                epoch = progress.epoch
                 t0 = time.perf_counter()
                 state, progress, stopped = train_epoch(run, state, progress, stop, batches, validation, timings)
                 if stopped:
@@ -397,13 +395,13 @@ def _train(config: TrainConfig, after_step, timings) -> dict:
                 if timings is not None:
                     timings.add("validate", epoch, validating)
                     epoch_end = time.perf_counter()
-                record = _epoch_record(run, epoch, state, progress["sums"], val, train_seconds)
-                record["images_per_s"] = progress["sums"]["count"] / max(train_seconds, 1e-9)
-                best = progress["best_wa"] is None or val["wa"] > progress["best_wa"]
-                progress = {**progress, "epoch": epoch + 1, "batches_done": 0, "data_state": None,
-                            "data_loader": None, "sums": None, "val": {"wa": val["wa"], "ua": val["ua"]}}
-                if best:
-                    progress.update(best_wa=val["wa"], best_epoch=epoch + 1)
+                record = _epoch_record(run, epoch, state, progress.sums, val, train_seconds)
+                record["images_per_s"] = progress.sums["count"] / max(train_seconds, 1e-9)
+                best = progress.best_wa is None or val["wa"] > progress.best_wa
+                progress = dataclasses.replace(
+                    progress, epoch=epoch + 1, batches_done=0, data_state=None, data_loader=None, sums=None,
+                    val={"wa": val["wa"], "ua": val["ua"]},
+                    **({"best_wa": val["wa"], "best_epoch": epoch + 1} if best else {}))
                 # Written from a thread while the next epoch trains, from a copy of the state
                 # (the next step donates `state`'s buffers).
                 run.ckpt.save_in_background(functools.partial(run.par.host_state, run.par.snapshot(state)),
@@ -422,10 +420,10 @@ def _train(config: TrainConfig, after_step, timings) -> dict:
             if writer is not None:
                 writer.close()
     run.ckpt.close()
-    return {"status": "done", "workdir": str(run.workdir), "epochs": progress["epoch"],
+    return {"status": "done", "workdir": str(run.workdir), "epochs": progress.epoch,
             "step": int(run.par.host_state(state.step)), "val_wa": last.get("val_wa"),
-            "val_ua": last.get("val_ua"), "best_val_wa": progress["best_wa"],
-            "best_epoch": progress["best_epoch"], "wall_s": time.perf_counter() - started}
+            "val_ua": last.get("val_ua"), "best_val_wa": progress.best_wa,
+            "best_epoch": progress.best_epoch, "wall_s": time.perf_counter() - started}
 
 
 def _report(run: Run, record: dict, writer) -> None:
@@ -442,12 +440,12 @@ def _report(run: Run, record: dict, writer) -> None:
         writer.flush()
 
 
-def _interrupted(run: Run, stop: StopRequest, progress: dict, started: float) -> dict:
+def _interrupted(run: Run, stop: StopRequest, progress: Progress, started: float) -> dict:
     run.ckpt.wait()
     step = run.ckpt.latest_step()
     log.warning("%s: saved a checkpoint at step %s (epoch %d, batch %d) in %s; run the same command "
-                "again to resume", stop.name, step, progress["epoch"] + 1, progress["batches_done"],
+                "again to resume", stop.name, step, progress.epoch + 1, progress.batches_done,
                 run.ckpt.root / "latest")
     return {"status": "interrupted", "signal": stop.name, "signum": stop.signum,
-            "workdir": str(run.workdir), "step": step, "epoch": progress["epoch"],
-            "batches_done": progress["batches_done"], "wall_s": time.perf_counter() - started}
+            "workdir": str(run.workdir), "step": step, "epoch": progress.epoch,
+            "batches_done": progress.batches_done, "wall_s": time.perf_counter() - started}

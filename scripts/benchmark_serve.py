@@ -209,21 +209,33 @@ def main() -> None:
                   f"; larger batch sizes {first.other_sizes_s:.1f} s later in the background on the first start"
                   if first.other_sizes_s is not None else ""))
     if args.markdown:
-        stamp = results_table.stamp()
-        results_table.write_rows(args.markdown, "benchmark_serve_ready", [
-            {**stamp, "run": f"{backend}, {args.image_size} px", "load average": f"{load_before:.1f}",
-             "first start: ready s": f"{first.ready_s:.1f}",
-             "first start: load + first image s": f"{first.load_s:.1f} + {first.first_image_s:.1f}",
-             "first start: other batch sizes s": "-" if first.other_sizes_s is None else f"{first.other_sizes_s:.1f}",
-             "second start: ready s": f"{second.ready_s:.1f}",
-             "second start: load + first image s": f"{second.load_s:.1f} + {second.first_image_s:.1f}"}
-            for backend, (first, second) in starts.items()])
-        results_table.write_rows(args.markdown, "benchmark_serve", [
-            {**stamp, "run": f"{r.backend}, {r.path}, {r.clients} clients, {args.image_size} px",
-             "load average": f"{load_before:.1f} / {load_after:.1f}", "requests": str(r.requests),
-             "p50 ms": f"{r.p50_ms:.0f}", "p99 ms": f"{r.p99_ms:.0f}", "requests/s": f"{r.per_s:.1f}",
-             "faces per call": f"{r.faces_per_call:.1f}"} for r in rows])
+        write_markdown(args.markdown, starts, rows, args.image_size, f"{load_before:.1f} / {load_after:.1f}")
 
+
+def write_markdown(path: Path, starts: dict, rows: list[Row], image_size: int, load: str) -> None:
+    """This machine's rows of the two tables: one row per back end (time to ready), and one per
+    back end and path with the 1 / 4 / 16 clients' numbers side by side in each cell."""
+    stamp = results_table.stamp()
+    results_table.write_rows(path, "benchmark_serve_ready", [
+        {**stamp, "run": f"{backend}, {image_size} px",
+         "first start: ready s (load + first image)": f"{first.ready_s:.1f} ({first.load_s:.1f} + {first.first_image_s:.1f})",
+         "second start: ready s": f"{second.ready_s:.1f}",
+         "other batch sizes ready s later": "-" if first.other_sizes_s is None else f"{first.other_sizes_s:.1f}"}
+        for backend, (first, second) in starts.items()])
+    by_run: dict[tuple[str, str], list[Row]] = {}
+    for row in rows:
+        by_run.setdefault((row.backend, row.path), []).append(row)
+    clients = " / ".join(str(r.clients) for r in next(iter(by_run.values())))
+
+    def cell(group: list[Row], value) -> str:
+        return " / ".join(value(r) for r in group)
+
+    results_table.write_rows(path, "benchmark_serve", [
+        {**stamp, "run": f"{backend}, {path_name}, {image_size} px", "load average": load,
+         f"requests/s, {clients} clients": cell(group, lambda r: f"{r.per_s:.1f}"),
+         "p50 ms": cell(group, lambda r: f"{r.p50_ms:.0f}"), "p99 ms": cell(group, lambda r: f"{r.p99_ms:.0f}"),
+         "faces per call": cell(group, lambda r: f"{r.faces_per_call:.1f}")}
+        for (backend, path_name), group in by_run.items()])
 
 if __name__ == "__main__":
     main()

@@ -104,6 +104,7 @@ def test_damaged_cache_entries_are_rebuilt(tmp_path, program_dir):
     assert np.array_equal(JaxClassifier(workdir).probabilities(images), first)  # rewritten entries load
 
 
+@pytest.mark.slow  # fast tier: three batch sizes compiled (test_serve.py's JAX server warms up too)
 def test_batches_are_answered_while_larger_sizes_warm_up(tmp_path, program_dir):
     """The server's warm-up: a batch whose size is not ready yet runs in slices of a ready size."""
     loaded = small_model(SIZE, seed=1)

@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arm_jax.errors import UserError
 from arm_jax.interop.pretrained import init_variables
 from arm_jax.models import ARMResNet18, SharingAffinity, head_geometry, pixel_shuffle
 from arm_jax.models.arm import ARM, per_channel_conv
@@ -196,15 +195,15 @@ def test_geometry_follows_input_size_and_rejects_impossible_sizes():
     assert head_geometry(ARMResNet18(num_classes=7, image_size=112))["representation_side"] == 5
     assert head_geometry(ARMResNet18(num_classes=7, image_size=200))["backbone_side"] == 7  # ceil(200/32)
     for too_small in (1, 31, 32):  # the README: 32 px or less is an error
-        with pytest.raises(UserError, match="smaller than its 32x32 kernel"):
+        with pytest.raises(ValueError, match="smaller than its 32x32 kernel"):
             ARMResNet18(num_classes=7, image_size=too_small)
-    with pytest.raises(UserError, match="gar_mode"):
+    with pytest.raises(ValueError, match="gar_mode"):
         ARMResNet18(num_classes=7, gar_mode="mean")
 
 
 def test_wrong_input_shape_is_a_clear_error():
     model = ARMResNet18(num_classes=7, image_size=64)
-    with pytest.raises(UserError, match="expects input"):
+    with pytest.raises(ValueError, match="expects input"):
         model.init({"params": jax.random.key(0)}, jnp.zeros((1, 32, 32, 3)), train=False)
 
 
@@ -232,3 +231,16 @@ def test_conv_matmul_path_equals_xla_conv(stride):
     pads = ((1, 1), (1, 1))
     reference = jax.lax.conv_general_dilated(x, kernel, (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
     np.testing.assert_allclose(patches_matmul_conv(x, kernel, stride, 1), reference, atol=1e-4, rtol=1e-5)
+
+
+def test_a_head_too_large_for_the_image_is_a_message_naming_the_option(tmp_path):
+    """The model raises ValueError; `arm-jax train` turns it into a one-line message naming --image-size."""
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    result = CliRunner().invoke(cli, ["train", "--workdir", str(tmp_path / "w"), "--image-size", "24",
+                                      "--max-train-examples", "32", "--batch-size", "16", "--parallel", "none"])
+    assert result.exit_code == 2, result.output
+    assert "--image-size 24" in result.output and "smaller than its 32x32 kernel" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "w" / "checkpoints").exists()

@@ -212,13 +212,24 @@ def infer_model_kwargs(state_dict: dict[str, np.ndarray], **overrides: Any) -> d
     return kwargs
 
 
+def model_for_state_dict(state_dict: dict[str, np.ndarray], source: str = "the state dict",
+                         **model_kwargs: Any) -> ARMResNet18:
+    """The ARMResNet18 a state dict's keys and shapes imply, `model_kwargs` over them; a
+    ConversionError naming `source` where no such model can be built (its head does not fit
+    the image size)."""
+    try:
+        return ARMResNet18(**infer_model_kwargs(state_dict, **model_kwargs))
+    except ValueError as error:
+        raise ConversionError(f"{source}: {error}") from None
+
+
 def _infer_image_size(state_dict: dict[str, np.ndarray], kwargs: dict[str, Any]) -> int:
     """224 when it fits the classifier's input width, else the nearest multiple of 32 that does."""
     in_features = int(state_dict["fc.weight"].shape[1])
     for side in [7] + list(range(1, 33)):
         try:
             geometry = head_geometry(ARMResNet18(**{**kwargs, "image_size": 32 * side}))
-        except UserError:
+        except ValueError:  # the head does not fit this size
             continue
         width = geometry.get("representation_side", 0) ** 2 or STAGE_WIDTHS[-1]
         if width == in_features:
@@ -239,8 +250,7 @@ def torch_to_flax(state_dict: dict[str, np.ndarray], **model_kwargs: Any) -> dic
     the plain classifier: all ARM switches off). The running GAR is not part
     of PyTorch checkpoints: it comes back zero with count 0 (uncalibrated).
     """
-    model = ARMResNet18(**infer_model_kwargs(state_dict, **model_kwargs))
-    return convert_for_model(state_dict, model)
+    return convert_for_model(state_dict, model_for_state_dict(state_dict, **model_kwargs))
 
 
 def convert_for_model(state_dict: dict[str, np.ndarray], model: ARMResNet18) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from arm_jax.data.classes import canonical_names
-from arm_jax.interop.convert import convert_for_model, expected_shapes, infer_model_kwargs, load_state_dict
+from arm_jax.interop.convert import convert_for_model, expected_shapes, load_state_dict, model_for_state_dict
 from arm_jax.errors import UserError
 from arm_jax.models import ARCHITECTURE_FIELDS, ARMResNet18, architecture
 
@@ -106,7 +106,7 @@ def load_model_directory(directory: str | Path, shapes_for: Callable[[dict], Any
 def load_pytorch_model(path: str | Path, class_names: tuple[str, ...] | None = None, **model_kwargs: Any) -> LoadedModel:
     """Convert a PyTorch file on the fly (torchvision resnet18 or the authors' ARM checkpoint)."""
     state_dict = load_state_dict(path)
-    model = ARMResNet18(**infer_model_kwargs(state_dict, **model_kwargs))
+    model = model_for_state_dict(state_dict, str(path), **model_kwargs)
     loaded = LoadedModel(model, convert_for_model(state_dict, model), None)
     return loaded.named(tuple(class_names), str(path)) if class_names else loaded
 
@@ -127,7 +127,11 @@ def load_any_model(path: str | Path, class_names: tuple[str, ...] | None = None,
         from arm_jax.training.checkpoint_reading import load_model_from_checkpoint  # the training side's format
 
         fields, names, variables = load_model_from_checkpoint(path, shapes_for=shapes_for)
-        loaded = LoadedModel(ARMResNet18(**fields), variables, tuple(names))
+        try:
+            model = ARMResNet18(**fields)
+        except (TypeError, ValueError) as error:
+            raise UserError(f"{path}: its checkpoint describes no model this version can build ({error})") from None
+        loaded = LoadedModel(model, variables, tuple(names))
     else:
         raise UserError(
             f"{path}: not a model: expected a .pth/.pt/.safetensors file, a directory written by "

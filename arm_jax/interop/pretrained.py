@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from arm_jax.interop.convert import convert_for_model, infer_model_kwargs, load_state_dict
+from arm_jax.interop.convert import convert_for_model, load_state_dict, model_for_state_dict
 from arm_jax.interop.downloads import resolve_weights
 from arm_jax.interop.model_files import load_any_model
 from arm_jax.models import ARMResNet18
@@ -46,5 +46,5 @@ def _pretrained_variables(path: Path, model: ARMResNet18) -> dict[str, Any]:
     if path.is_dir():
         return load_any_model(path).variables
     state_dict = load_state_dict(path)
-    source_model = ARMResNet18(**infer_model_kwargs(state_dict, image_size=model.image_size))
+    source_model = model_for_state_dict(state_dict, str(path), image_size=model.image_size)
     return convert_for_model(state_dict, source_model)

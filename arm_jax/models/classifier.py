@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from arm_jax.errors import UserError
 from arm_jax.models.arm import ARM, GAR_MODES, torch_default_uniform
 from arm_jax.models.resnet import STAGE_WIDTHS, ResNet18Backbone, backbone_output_side
 
@@ -57,7 +56,7 @@ class ARMResNet18(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         expected = (self.image_size, self.image_size, 3)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise UserError(f"ARMResNet18(image_size={self.image_size}) expects input (N, {expected}), got {x.shape}")
+            raise ValueError(f"ARMResNet18(image_size={self.image_size}) expects input (N, {expected}), got {x.shape}")
         features = ResNet18Backbone(self.dtype, self.param_dtype, self.axis_name, name="backbone")(x, train=train)
         representation = ARM(
             arrangement=self.arrangement,
@@ -87,7 +86,7 @@ class ARMResNet18(nn.Module):
 
 
 def head_geometry(model: ARMResNet18) -> dict[str, int]:
-    """Map sides along the head for this input size; raises UserError when impossible."""
+    """Map sides along the head for this input size; raises ValueError when impossible."""
     side = backbone_output_side(model.image_size)
     geometry = {"backbone_side": side}
     if model.arrangement:
@@ -99,7 +98,7 @@ def head_geometry(model: ARMResNet18) -> dict[str, int]:
         arranged, kernel, stride = side, model.raw_kernel, 1
     if model.de_albino or model.arrangement:
         if kernel > arranged:
-            raise UserError(
+            raise ValueError(
                 f"image_size {model.image_size} gives a {arranged}x{arranged} map at the De-albino block, "
                 f"smaller than its {kernel}x{kernel} kernel; use a larger image size or a smaller kernel"
             )
@@ -110,16 +109,16 @@ def head_geometry(model: ARMResNet18) -> dict[str, int]:
 def validate_architecture(model: ARMResNet18) -> None:
     """Reject impossible settings at construction, naming the field."""
     if model.num_classes < 1:
-        raise UserError(f"num_classes must be positive, got {model.num_classes}")
+        raise ValueError(f"num_classes must be positive, got {model.num_classes}")
     if model.image_size < 1:
-        raise UserError(f"image_size must be positive, got {model.image_size}")
+        raise ValueError(f"image_size must be positive, got {model.image_size}")
     if model.gar_mode not in GAR_MODES:
-        raise UserError(f"gar_mode must be one of {', '.join(GAR_MODES)}, got {model.gar_mode!r}")
+        raise ValueError(f"gar_mode must be one of {', '.join(GAR_MODES)}, got {model.gar_mode!r}")
     for field in ("de_albino_kernel", "de_albino_stride", "raw_kernel"):
         if getattr(model, field) < 1:
-            raise UserError(f"{field} must be positive, got {getattr(model, field)}")
+            raise ValueError(f"{field} must be positive, got {getattr(model, field)}")
     if not 0.0 <= model.dropout_rate < 1.0:
-        raise UserError(f"dropout_rate must be in [0, 1), got {model.dropout_rate}")
+        raise ValueError(f"dropout_rate must be in [0, 1), got {model.dropout_rate}")
     head_geometry(model)
 
 

@@ -154,7 +154,7 @@ def geometry_problem(row: Row, image_size: int) -> str | None:
     architecture = {k: v for k, v in row.settings.items() if k in fields}
     try:
         ARMResNet18(num_classes=7, image_size=image_size, **architecture)
-    except UserError as err:
+    except ValueError as err:
         return f"does not fit {image_size} px: {err}"
     return None
 

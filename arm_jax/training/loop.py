@@ -141,11 +141,14 @@ def _setup(config: TrainConfig) -> tuple[Run, TrainState, dict]:
         raise UserError(f"{train_split.name}: {len(train_split)} records make no full batch of "
                         f"{config.batch_size}; lower --batch-size")
 
-    model = ARMResNet18(
-        num_classes=len(train_split.class_names), image_size=config.image_size,
-        arrangement=config.arrangement, de_albino=config.de_albino, affinity=config.affinity,
-        raw_kernel=config.raw_kernel, dropout_rate=config.dropout, gar_mode=config.gar_mode,
-        dtype=jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32)
+    try:
+        model = ARMResNet18(
+            num_classes=len(train_split.class_names), image_size=config.image_size,
+            arrangement=config.arrangement, de_albino=config.de_albino, affinity=config.affinity,
+            raw_kernel=config.raw_kernel, dropout_rate=config.dropout, gar_mode=config.gar_mode,
+            dtype=jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32)
+    except ValueError as error:  # the options give no model (e.g. --image-size too small for the head)
+        raise UserError(f"--image-size {config.image_size} and the architecture options: {error}") from None
     tx = make_optimizer(config, steps_per_epoch)
     init_key, data_seed, step_key = _keys(config.seed)
     pretrained = None if config.pretrained.lower() == "none" else config.pretrained

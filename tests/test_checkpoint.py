@@ -225,7 +225,7 @@ def _edit_progress(step_dir, edit) -> None:
     (lambda d: d.update(format=2), "progress format 2"),
     (lambda d: d.update(lr_scale=0.5), "unknown fields: ['lr_scale']"),
     (lambda d: d.pop("sums"), "missing: ['sums']"),
-])
+], ids=["another-format", "an-unknown-field", "a-missing-field"])
 def test_a_progress_of_another_format_is_refused_by_name_and_nothing_is_set_aside(tmp_path, edit, message):
     _save_steps(tmp_path, steps=range(1, 3), best=())
     newest = tmp_path / "checkpoints" / "latest" / "2"

@@ -20,6 +20,12 @@ from arm_jax.models.resnet import BasicBlock, conv
 EXPRESSIONS = ("surprise", "fear", "disgust", "happiness", "sadness", "anger", "neutral")
 
 
+def normal(seed: int, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+    """Standard normal test inputs drawn in numpy. jax.random.normal compiles a program per shape
+    and dtype (0.3-1 s each on 2 cores, float64 most), which was most of these small tests' time."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
 def small_model(image_size: int = 64, seed: int = 0, calibrated: bool = True):
     """A random ARM model with random BatchNorm and GAR state, as a LoadedModel named after EXPRESSIONS.
 

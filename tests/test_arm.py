@@ -8,6 +8,7 @@ import pytest
 from arm_jax.interop.pretrained import init_variables
 from arm_jax.models import ARMResNet18, SharingAffinity, head_geometry, pixel_shuffle
 from arm_jax.models.arm import ARM, per_channel_conv
+from tests.small_models import normal
 
 
 def test_pixel_shuffle_hand_computed():
@@ -226,8 +227,8 @@ def test_conv_matmul_path_equals_xla_conv(stride):
     """The im2col path used for XLA:CPU's slow 2x2-map case computes the same convolution."""
     from arm_jax.models.conv import patches_matmul_conv
 
-    x = jax.random.normal(jax.random.key(0), (3, 2 * stride, 2 * stride, 128))
-    kernel = jax.random.normal(jax.random.key(1), (3, 3, 128, 16))
+    x = normal(0, (3, 2 * stride, 2 * stride, 128))
+    kernel = normal(1, (3, 3, 128, 16))
     pads = ((1, 1), (1, 1))
     reference = jax.lax.conv_general_dilated(x, kernel, (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
     np.testing.assert_allclose(patches_matmul_conv(x, kernel, stride, 1), reference, atol=1e-4, rtol=1e-5)

@@ -8,16 +8,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from arm_jax.models.batchnorm import BatchNorm
+from tests.small_models import normal
 
 SHAPE = (4, 6, 6, 8)  # N, H, W, C
 
 
 def _setup(dtype):
-    x = jax.random.normal(jax.random.key(0), SHAPE, dtype) * 3 + 1
+    x = normal(0, SHAPE, dtype) * 3 + 1
     batchnorm = BatchNorm(dtype=dtype, param_dtype=dtype)
     variables = batchnorm.init(jax.random.key(1), x, train=True)
-    params = {"scale": jax.random.uniform(jax.random.key(2), (SHAPE[-1],), dtype, 0.5, 1.5),
-              "bias": jax.random.normal(jax.random.key(3), (SHAPE[-1],), dtype)}
+    params = {"scale": jnp.asarray(np.random.default_rng(2).uniform(0.5, 1.5, SHAPE[-1]), dtype),
+              "bias": normal(3, (SHAPE[-1],), dtype)}
     return batchnorm, variables, params, x
 
 
@@ -39,7 +40,7 @@ def test_values_and_gradients_equal_the_formula_float64():
     with jax.enable_x64(True):
         batchnorm, variables, params, x = _setup(jnp.float64)
         forward = _trained(batchnorm, variables)
-        weights = jax.random.normal(jax.random.key(4), SHAPE, jnp.float64)  # a loss that mixes every output
+        weights = normal(4, SHAPE, jnp.float64)  # a loss that mixes every output
 
         def loss(f):
             return lambda params, x: jnp.sum(f(params, x) * weights)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from arm_jax.models.conv import plain_conv, polyphase_input_grad, strided_conv, tap_matmul_conv
+from tests.small_models import normal
 
 # (height, width, kernel, stride, padding): ResNet-18's strided convs (3x3/2 pad 1, 1x1/2)
 # at odd and even sides, plus a stride 3 and a kernel smaller than its stride (phases without taps).
@@ -26,10 +27,10 @@ def _relative(got, want) -> float:
 
 def _inputs(seed: int, height: int, width: int, kernel_size: int, stride: int, padding: int):
     """float64 input (2, H, W, 3), kernel (k, k, 3, 4) and an output gradient; call under enable_x64."""
-    keys = jax.random.split(jax.random.key(seed), 3)
-    x = jax.random.normal(keys[0], (2, height, width, 3), jnp.float64)
-    kernel = jax.random.normal(keys[1], (kernel_size, kernel_size, 3, 4), jnp.float64)
-    grad = jax.random.normal(keys[2], plain_conv(x, kernel, stride, padding).shape, jnp.float64)
+    x = normal(seed, (2, height, width, 3), jnp.float64)
+    kernel = normal(seed + 1, (kernel_size, kernel_size, 3, 4), jnp.float64)
+    out = jax.eval_shape(lambda x, kernel: plain_conv(x, kernel, stride, padding), x, kernel)
+    grad = normal(seed + 2, out.shape, jnp.float64)
     return x, kernel, grad
 
 
@@ -144,7 +145,7 @@ def test_filter_gradients_transpose_stored_inputs_and_give_the_same_gradients(wi
             return x
 
     model = TwoBlocks()
-    x = jax.random.normal(jax.random.key(0), (4, 12, 12, 16))
+    x = normal(0, (4, 12, 12, 16))
     variables = model.init(jax.random.key(1), x)
 
     def loss(params):

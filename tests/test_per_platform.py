@@ -14,6 +14,7 @@ import pytest
 from arm_jax.models import ARMResNet18, per_platform
 from arm_jax.models.conv import cpu_conv, plain_conv
 from arm_jax.models.pooling import max_pool as cpu_max_pool
+from tests.small_models import normal
 
 # What `platform_dependent` itself adds around the branch it keeps: the (one-branch) case ops,
 # and, for a gradient, zero-filled stand-ins for the residuals of the branch it dropped.
@@ -120,8 +121,8 @@ def test_conv_and_pool_under_vmap_and_shard_map_equal_the_direct_call():
     as its own call: the CPU forms' custom gradients and barriers under batching), and shard_map."""
     from jax.sharding import Mesh, PartitionSpec
 
-    x = jax.random.normal(jax.random.key(0), (3, 1, 48, 48, 2))  # 3 calls of batch 1, 48 px: polyphase
-    kernel = jax.random.normal(jax.random.key(1), (3, 3, 2, 4))
+    x = normal(0, (3, 1, 48, 48, 2))  # 3 calls of batch 1, 48 px: polyphase
+    kernel = normal(1, (3, 3, 2, 4))
 
     def loss(x, kernel):
         y = per_platform.conv(x, kernel, 2, 1)

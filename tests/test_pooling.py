@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from arm_jax.models.pooling import max_pool
+from tests.small_models import normal
 
 # (height, width, window, stride, padding): the stem's 3x3/2 pad 1 at odd and even sides,
 # overlapping stride-1 windows, and windows that do not overlap.
@@ -32,21 +33,22 @@ PARAMETERS = [pytest.param(*case, kind, id="-".join(map(str, (*case, kind))),
 @pytest.mark.parametrize(("height", "width", "window", "stride", "padding", "kind"), PARAMETERS)
 def test_max_pool_and_its_gradient_equal_flax_max_pool(height, width, window, stride, padding, kind):
     with jax.enable_x64(True):
-        keys = jax.random.split(jax.random.key(height * 7 + window + stride), 2)
-        x = INPUTS[kind](jax.random.normal(keys[0], (2, height, width, 3), jnp.float64))
+        seed = height * 7 + window + stride
+        x = INPUTS[kind](normal(seed, (2, height, width, 3), jnp.float64))
 
         def flax_pool(x):
             return nn.max_pool(x, (window, window), strides=(stride, stride),
                                padding=((padding, padding), (padding, padding)))
 
+        grad = normal(seed + 1, jax.eval_shape(flax_pool, x).shape, jnp.float64)
+
         @jax.jit
-        def both(x):
+        def both(x, grad):
             want, want_vjp = jax.vjp(flax_pool, x)
             got, got_vjp = jax.vjp(lambda x: max_pool(x, window, stride, padding), x)
-            grad = jax.random.normal(keys[1], want.shape, jnp.float64)
             return want, got, want_vjp(grad)[0], got_vjp(grad)[0]
 
-        want, got, want_grad, got_grad = both(x)
+        want, got, want_grad, got_grad = both(x, grad)
         np.testing.assert_array_equal(got, want)
         assert _relative(got_grad, want_grad) <= 1e-9
         np.testing.assert_array_equal(got_grad != 0, want_grad != 0)  # the same element of each tie

@@ -1,16 +1,27 @@
 """Images/s of the training input pipeline for FER2013- and RAF-DB-format inputs.
 
-    python scripts/benchmark_data.py [--records 3072] [--batch-size 256] [--workers 0,1,2]
+    python scripts/benchmark_data.py [--records 6144] [--batch-size 256] [--workers 0,1,2]
 
 FER2013 format: 48x48x1 uint8 records held in memory. RAF-DB format: 100x100x3 JPEGs
 written to a temporary folder and decoded in __getitem__ by the readers' decoder
 (`arm_jax.data.base.decode_image`, what a RAF-DB split does). Each configuration
 runs one training epoch (flip/noise, erasing boxes, batching); the clock starts at the
 first batch, so worker start-up is reported apart from throughput.
+
+    python scripts/benchmark_data.py --datasets [--records 2048] [--markdown]
+
+measures instead every data set as distributed (written by tests/fixtures.py's writers, at
+realistic sizes: FER2013 48x48 grey, RAF-DB 100x100 JPEG, AffectNet photos of 400-700 px a
+side with face boxes, the re-release's 224 px JPEGs), read raw and after `arm-jax prepare`:
+one epoch with one grain worker process, the host CPU per training image (decode, crop,
+augmentation, batching, hand-over) as microseconds, images/s, and the cores that 15,000
+images/s (one H100-class GPU training ResNet-18) would need.
 """
 
 import argparse
+import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +33,8 @@ from arm_jax.data import pipeline, sampling, transforms
 from arm_jax.data.base import decode_image
 
 import results_table  # scripts/, beside this file
+
+REPO = Path(__file__).resolve().parents[1]
 
 CLASSES = ("surprise", "fear", "disgust", "happiness", "sadness", "anger", "neutral")
 
@@ -114,14 +127,110 @@ def host_costs(split, image_size: int, repeats: int = 300) -> dict[str, float]:
     return costs
 
 
+# The rate one GPU of the H100 class trains ResNet-18 + ARM at (issue 25's target).
+GPU_IMAGES_PER_S = 15_000
+
+
+def write_dataset(layout: str, root: Path, records: int, rng: np.random.Generator) -> str:
+    """`records` training images of `layout` in its distributed format under `root` (a few
+    for the other splits); returns the --dataset name that reads it."""
+    sys.path.insert(0, str(REPO))  # tests/ from a checkout
+    from tests import fixtures as fx
+
+    others = 14  # validation and test records: `prepare` writes every split
+    if layout in ("fer2013", "ferplus"):
+        rows = [(i % 7, fx.random_image(rng, (48, 48)), "Training") for i in range(records)]
+        rows += [(i % 7, fx.random_image(rng, (48, 48)), usage) for usage in ("PublicTest", "PrivateTest")
+                 for i in range(others)]
+        fx.write_fer2013_csv(root / "fer2013.csv", rows)
+        if layout == "ferplus":
+            votes = [[10 if j == i % 8 else 0 for j in range(10)] for i in range(len(rows))]
+            fx.write_ferplus_csv(root / "fer2013new.csv", [(usage, f"fer{i:07d}.png", v) for i, ((_, _, usage), v)
+                                                           in enumerate(zip(rows, votes, strict=True))])
+        return layout
+    if layout in ("fer2013_folder", "folder"):
+        shape = (48, 48) if layout == "fer2013_folder" else (100, 100, 3)
+        names = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise")
+        splits = {"train": {name: [fx.random_image(rng, shape) for _ in range(records // 7)] for name in names},
+                  "test": {name: [fx.random_image(rng, shape) for _ in range(others // 7)] for name in names}}
+        fx.write_class_folders(root, splits)
+        return layout
+    if layout == "raf_db":
+        entries = [(f"train_{i + 1:05d}.jpg", 1 + i % 7, fx.random_image(rng, (100, 100, 3))) for i in range(records)]
+        entries += [(f"test_{i + 1:04d}.jpg", 1 + i % 7, fx.random_image(rng, (100, 100, 3))) for i in range(others)]
+        fx.write_raf_db(root, entries)
+        return layout
+    if layout == "affectnet_csv":  # the original release: photos of any size, a face box per row
+        def photo():
+            return fx.random_image(rng, (int(rng.integers(400, 701)), int(rng.integers(400, 701)), 3))
+
+        fx.write_affectnet_csv(root, {
+            "training": [(f"{i // 1000}/{i:06d}.jpg", i % 7, photo()) for i in range(records)],
+            "validation": [(f"v/{i:06d}.jpg", i % 7, photo()) for i in range(others)]})
+        return "affectnet7"
+    if layout == "affectnet_npy":  # the re-release: 224 px crops, labels in .npy files
+        fx.write_affectnet_npy(root, {
+            "train_set": [(i, i % 7, fx.random_image(rng, (224, 224, 3))) for i in range(records)],
+            "val_set": [(i, i % 7, fx.random_image(rng, (224, 224, 3))) for i in range(others)]})
+        return "affectnet7"
+    raise ValueError(layout)
+
+
+LAYOUTS = ("fer2013", "ferplus", "fer2013_folder", "raf_db", "affectnet_csv", "affectnet_npy", "folder")
+
+
+def measure_datasets(args) -> list[dict]:
+    """One row per layout: raw and prepared, with one worker process."""
+    import tensorflow_datasets as tfds
+
+    from arm_jax.data import open_split
+    from arm_jax.data.prepared import PreparedSplit, prepare
+
+    tfds.disable_progress_bar()
+
+    stamp, rows = results_table.stamp(), []
+    print(f"\n| data set | read | us per image | images/s per worker | cores for {GPU_IMAGES_PER_S:,} images/s "
+          "| start-up s |\n|---|---|---|---|---|---|")
+    for layout in LAYOUTS:
+        with tempfile.TemporaryDirectory(prefix=f"benchmark-data-{layout}-") as folder:
+            root, tfds = Path(folder) / "data", Path(folder) / "tfds"
+            dataset = write_dataset(layout, root, args.records, np.random.default_rng(0))
+            prepare(dataset, root, tfds_data_dir=tfds)
+            cells = {}
+            for read in ("raw", "prepared"):
+                split = open_split(dataset, root, "train", prepared=read == "prepared", tfds_data_dir=tfds)
+                assert isinstance(split, PreparedSplit) == (read == "prepared"), (layout, read)
+                startup, rate, _, _ = run_epoch(split, workers=1, resize_on="device",
+                                                batch_size=args.batch_size, image_size=args.image_size)
+                cells[read] = (1e6 / rate, rate, math.ceil(GPU_IMAGES_PER_S / rate))
+                print(f"| {layout} | {read} | {1e6 / rate:.0f} | {rate:,.0f} | {math.ceil(GPU_IMAGES_PER_S / rate)} "
+                      f"| {startup:.1f} |", flush=True)
+        rows.append({**stamp, "run": f"{len(split)} records, batch {args.batch_size}, {args.image_size} px, 1 worker",
+                     "data set": layout,
+                     "us per image, raw / prepared": " / ".join(f"{cells[r][0]:.0f}" for r in ("raw", "prepared")),
+                     "images/s per worker": " / ".join(f"{cells[r][1]:,.0f}" for r in ("raw", "prepared")),
+                     f"cores for {GPU_IMAGES_PER_S:,} images/s": " / ".join(str(cells[r][2]) for r in ("raw", "prepared"))})
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--records", type=int, default=6144)
+    parser.add_argument("--records", type=int, default=None, help="training records (default 6144; 2048 with --datasets)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--workers", default="0,1,2")
+    parser.add_argument("--datasets", action="store_true",
+                        help="every data set as distributed, raw and prepared, with one worker (see above)")
     results_table.add_option(parser)
     args = parser.parse_args()
+    if args.datasets:
+        args.records = args.records or 2048
+        rows = measure_datasets(args)
+        print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+        if args.markdown:
+            results_table.write_rows(args.markdown, "benchmark_data datasets", rows, key=("machine", "data set"))
+        return
+    args.records = args.records or 6144
     workers = [int(w) for w in args.workers.split(",")]
     print(f"os.cpu_count() = {os.cpu_count()}; {args.records} records per epoch, "
           f"batch {args.batch_size}, image_size {args.image_size}; "

@@ -192,7 +192,7 @@ def test_keeps_the_last_3_checkpoints_and_the_best_by_validation_wa(tmp_path, mo
     assert [r["epoch"] for r in records] == [1, 2, 3, 4] and [r["step"] for r in records] == [2, 4, 6, 8]
     assert [r["val_wa"] for r in records] == [0.2, 0.6, 0.4, 0.5]
     assert set(records[0]) == {"epoch", "step", "train_loss", "train_acc", "val_wa", "val_ua", "val_loss",
-                               "val_per_class", "lr", "time_s", "images_per_s"}
+                               "val_per_class", "val_confusion", "lr", "time_s", "images_per_s"}
     assert [r["lr"] for r in records] == pytest.approx([1e-3 * 0.9**e for e in range(4)])
     assert set(records[0]["val_per_class"]) == set(load_model_from_checkpoint(tmp_path, "latest")[1])
     assert all(0 <= r["train_acc"] <= 1 and r["train_loss"] > 0 and r["images_per_s"] > 0 for r in records)

@@ -276,3 +276,47 @@ def test_pretrained_file_through_train(tmp_path, first_step):
         if key[1] != "backbone" and key[0] == "params":
             # The head's first step depends on the backbone, so it is compared as "within one step".
             assert np.abs(trained[key] - fresh[key]).max() <= 2 * lr * 1.001, key
+
+
+# -- evaluate against training's validation ------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gar_mode", ["batch", "running"])
+def test_evaluate_reports_the_validation_that_training_logged(tmp_path, gar_mode):
+    """`arm-jax evaluate` on a run's checkpoint, its validation split, GAR mode and batch size
+    (batches in file order) reports the WA, UA, per-class accuracy and confusion matrix that the
+    run logged for its last epoch: 14 validation images in batches of 8, so the short last batch
+    counts too."""
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    rng = np.random.default_rng(0)
+    names = ["anger", "disgust", "fear", "happiness", "neutral", "sadness", "surprise"]
+    # Each class a colour (plus noise): 96 px (a 3x3 representation; at 64 px the classifier
+    # sees one number) learns them in a few epochs, so the answers differ between images.
+    colours = rng.integers(0, 256, (len(names), 3))
+
+    def faces(c: int, n: int) -> list[np.ndarray]:
+        return [np.clip(colours[c] + rng.normal(0, 40, (64, 64, 3)), 0, 255).astype(np.uint8) for _ in range(n)]
+
+    data = fx.write_class_folders(tmp_path / "data", {
+        "train": {name: faces(c, 8) for c, name in enumerate(names)},
+        "val": {name: faces(c, 2) for c, name in enumerate(names)},
+        "test": {name: faces(c, 1) for c, name in enumerate(names)}})
+    workdir = tmp_path / "run"
+    train(TrainConfig(dataset="folder", data_dir=str(data), workdir=str(workdir), image_size=96, batch_size=8,
+                      eval_batch_size=8, epochs=3, gar_mode=gar_mode, parallel="none", checkpoint_every_steps=0,
+                      quiet=True))
+    logged = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+    result = CliRunner().invoke(cli, ["evaluate", "--checkpoint", str(workdir / "checkpoints" / "latest"),
+                                      "--dataset", "folder", "--data-dir", str(data), "--split", "val",
+                                      "--gar", gar_mode, "--no-shuffle", "--batch-size", "8", "--json", "-"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    print(json.dumps({"logged": {k: logged[k] for k in ("val_wa", "val_ua", "val_confusion")},
+                      "evaluated": {k: report[k] for k in ("wa", "ua", "confusion")}}))
+    assert report["confusion"] == logged["val_confusion"]
+    assert report["wa"] == pytest.approx(logged["val_wa"], abs=1e-12)
+    assert report["ua"] == pytest.approx(logged["val_ua"], abs=1e-12)
+    assert report["per_class"] == pytest.approx(logged["val_per_class"], abs=1e-12)

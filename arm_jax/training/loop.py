@@ -227,6 +227,7 @@ def validate(run: Run, state, batches=None) -> dict:
         loss_sum += float(out["loss_sum"])
     summary = metrics_lib.summarize(confusion, run.val_split.class_names)
     summary["loss"] = loss_sum / max(summary["count"], 1)
+    summary["confusion"] = confusion.tolist()
     return summary
 
 
@@ -324,7 +325,7 @@ def _epoch_record(run: Run, epoch: int, state, sums: dict, val: dict, seconds: f
         "epoch": epoch + 1, "step": int(run.par.host_state(state.step)),
         "train_loss": sums["loss_sum"] / count, "train_acc": sums["correct"] / count,
         "val_wa": val["wa"], "val_ua": val["ua"], "val_loss": val["loss"],
-        "val_per_class": val["per_class"], "lr": lr_at_epoch(run.config, epoch),
+        "val_per_class": val["per_class"], "val_confusion": val["confusion"], "lr": lr_at_epoch(run.config, epoch),
         "time_s": seconds,
     }
 

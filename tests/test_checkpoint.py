@@ -243,3 +243,29 @@ def test_a_progress_written_before_the_format_version_reads_as_format_1(tmp_path
     _edit_progress(tmp_path / "checkpoints" / "latest" / "1", lambda d: [d.pop("format"), d.pop("val")])
     _, progress = Checkpoints(tmp_path).restore_latest(_small_state(0))
     assert progress == Progress(KEY, epoch=1)
+
+
+def test_orbax_messages_are_filtered_only_while_checkpoints_are_open(tmp_path, monkeypatch):
+    """Importing the module leaves absl's logger (orbax's) as it was; an open Checkpoints adds the
+    no-space filter and closing the last one removes it, so a program's own orbax saves in the same
+    process keep their messages."""
+    import logging
+    import subprocess
+    import sys
+
+    from arm_jax.training import checkpoints
+
+    imported = subprocess.run([sys.executable, "-c", "import logging, arm_jax.training.checkpoints as c; "
+                               "print(c._ABSL_FILTER in logging.getLogger('absl').filters)"],
+                              capture_output=True, text=True, timeout=120)
+    assert imported.stdout.strip() == "False", imported.stderr
+    absl_logger = logging.getLogger("absl")  # here: as if no Checkpoints were open (other tests leave some)
+    monkeypatch.setattr(checkpoints, "_open_checkpoints", 0)
+    monkeypatch.setattr(absl_logger, "filters", [f for f in absl_logger.filters if f is not checkpoints._ABSL_FILTER])
+    first, second = Checkpoints(tmp_path / "a"), Checkpoints(tmp_path / "b")
+    assert absl_logger.filters.count(checkpoints._ABSL_FILTER) == 1
+    first.close()
+    first.close()  # a second close counts once
+    assert checkpoints._ABSL_FILTER in absl_logger.filters
+    second.close()
+    assert checkpoints._ABSL_FILTER not in absl_logger.filters

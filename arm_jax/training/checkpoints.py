@@ -105,6 +105,8 @@ class Checkpoints:
         self.root = Path(workdir) / "checkpoints"
         self.keep = keep
         self._open()
+        _filter_orbax_reports(True)
+        self._closed = False
         self._writing: dict[str, int] = {}  # kind -> step of a save that may be in flight
         self._thread: ThreadPoolExecutor | None = None  # runs `save_in_background`'s jobs
         self._job: Future | None = None  # the one that may be running
@@ -237,7 +239,7 @@ class Checkpoints:
         barrier("set aside")
         if not corrupt and not newer_best:
             return
-        self.close()
+        self._close_managers()
         self._open()
 
     def wait(self) -> None:
@@ -255,6 +257,14 @@ class Checkpoints:
             raise
 
     def close(self) -> None:
+        try:
+            self._close_managers()
+        finally:
+            if not self._closed:
+                self._closed = True
+                _filter_orbax_reports(False)
+
+    def _close_managers(self) -> None:
         try:
             self._finish_job()
         finally:
@@ -313,7 +323,20 @@ class _NoSpaceReportedOnce(logging.Filter):
         return not (self.raised and (_SHUTDOWN_TEXT in message or _SHUTDOWN_TEXT in str(error)))
 
 
-logging.getLogger("absl").addFilter(_NoSpaceReportedOnce())
+# One filter for the process, on absl's logger (orbax's) only while a `Checkpoints` is open:
+# another program's own orbax saves in the same process keep all their messages.
+_ABSL_FILTER = _NoSpaceReportedOnce()
+_open_checkpoints = 0
+
+
+def _filter_orbax_reports(on: bool) -> None:
+    global _open_checkpoints
+    _open_checkpoints += 1 if on else -1
+    absl_logger = logging.getLogger("absl")
+    if on and _open_checkpoints == 1:
+        absl_logger.addFilter(_ABSL_FILTER)
+    elif not on and _open_checkpoints == 0 and not _NoSpaceReportedOnce.raised:
+        absl_logger.removeFilter(_ABSL_FILTER)  # after a no-space error it stays: the exit is near
 
 
 def _free_name(path: Path, suffix: str) -> Path:

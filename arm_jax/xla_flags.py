@@ -20,9 +20,10 @@ keeps between steps; `ARM_JAX_XLA_CPU_TUNING=0` drops them too.
 import importlib.util
 import mmap
 import os
-import sys
 import warnings
 from pathlib import Path
+
+from arm_jax.compat import jax_backend_started
 
 YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 YNN_FUSION_VALUE = "-individual_convolution"
@@ -66,12 +67,6 @@ def _contains_all(path: Path, needles: tuple[bytes, ...]) -> bool:
         return all(data.find(needle) >= 0 for needle in needles)
 
 
-def _backend_started() -> bool:
-    """True once JAX has created a backend: XLA_FLAGS is read then, so a later change does nothing."""
-    bridge = sys.modules.get("jax._src.xla_bridge")
-    return bool(getattr(bridge, "_backends", None))
-
-
 def configure_cpu() -> None:
     """Add the YNN flag to `os.environ["XLA_FLAGS"]` where it applies (see the module docstring).
     Call it before JAX starts its backend (the first computation or device query): JAX reads
@@ -80,7 +75,7 @@ def configure_cpu() -> None:
     tuning, current = os.environ.get(TUNING_ENV), os.environ.get("XLA_FLAGS")
     if merged_xla_flags(current, tuning, True) == current:
         return  # opted out, or set by the user: skip the library scan
-    if _backend_started():
+    if jax_backend_started():  # JAX read XLA_FLAGS already: a change does nothing now
         warnings.warn("arm_jax.configure_cpu() was called after JAX started its backend, which has read "
                       "XLA_FLAGS already: call it before the first JAX computation", stacklevel=2)
         return

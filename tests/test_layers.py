@@ -17,7 +17,11 @@ FORBIDDEN = {
     "errors": {"data", "models", "training", "inference", "interop"},
     "metrics": {"data", "models", "training", "inference", "interop"},
     "xla_flags": {"data", "models", "training", "inference", "interop"},
+    "compat": {"data", "models", "training", "inference", "interop", "errors", "metrics", "xla_flags"},
 }
+
+# JAX's and grain's private parts (see arm_jax/compat.py, the one module allowed to use them).
+PRIVATE = ("jax._src", "_iterator", "_del_thread_pool", "last_seen_indices", "_backends")
 
 
 def _layer(path: Path) -> str:
@@ -57,3 +61,26 @@ def test_data_set_splits_are_defined_in_the_data_package():
                 if _layer(path) != "data":
                     outside.append(f"{path.relative_to(PACKAGE.parent)}: {node.name}")
     assert outside == []
+
+
+def test_private_apis_of_jax_and_grain_are_used_only_in_compat():
+    """Names and strings of JAX's and grain's private parts appear in arm_jax/compat.py alone
+    (attributes and imports through the AST; strings, since getattr(x, "_iterator") is one too)."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "compat.py" and path.parent == PACKAGE:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Attribute) and not (isinstance(node.value, ast.Name) and node.value.id == "self"):
+                names.append(node.attr)  # an object's own `self._iterator` is not grain's
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.append(node.module)
+            elif isinstance(node, ast.Import):
+                names += [alias.name for alias in node.names]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                names.append(node.value)
+            for name in names:
+                if any(name == private or name.startswith(private + ".") for private in PRIVATE):
+                    found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {name}")
+    assert found == []

@@ -20,6 +20,7 @@ import grain
 import jax
 import numpy as np
 
+from arm_jax.compat import close_grain_iterator, shared_memory_delete_pool
 from arm_jax.data import sampling, transforms
 from arm_jax.data.base import resize_uint8
 from arm_jax.errors import UserError
@@ -113,9 +114,7 @@ def read_through(loader):
 def close_iterator(iterator) -> None:
     """Shut a grain DataLoader iterator's worker processes down (grain has no public close), and
     unlink the shared memory of the batches it delivered that nothing uses any more."""
-    inner = getattr(iterator, "_iterator", None)
-    if hasattr(inner, "close"):
-        inner.close()
+    if close_grain_iterator(iterator):
         release_worker_batches()
 
 
@@ -136,13 +135,11 @@ def release_worker_batches() -> None:
     So collect now, then wait for that pool to run the deletions queued so far. Its thread is held
     during the collection: the collector also finalizes each batch's SharedMemory object (its
     `__del__` closes it), and a close racing the pool's close + unlink of the same object can make
-    the pool's call fail before the unlink (one leaked segment now and then). `_del_thread_pool` is
-    private: absent, the collection alone is done; grain runs it with one thread, so tasks run in
-    the order queued.
+    the pool's call fail before the unlink (one leaked segment now and then). The pool is private
+    (compat.shared_memory_delete_pool): absent, the collection alone is done; grain runs it with
+    one thread, so tasks run in the order queued.
     """
-    from grain.multiprocessing import SharedMemoryArray
-
-    pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
+    pool = shared_memory_delete_pool()
     gate = threading.Event()
     held = False
     if pool is not None:

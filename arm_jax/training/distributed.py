@@ -11,12 +11,12 @@ by-hand launch fails with "Number of processes must be defined".
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 
 import jax
 
+from arm_jax.compat import distributed_client, shift_grain_state
 from arm_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -83,10 +83,7 @@ def barrier(name: str, timeout_s: int = INITIALIZATION_TIMEOUT_S) -> None:
     """
     if jax.process_count() < 2:
         return
-    from jax._src import distributed as jax_distributed  # the runtime client (no public API)
-
-    jax_distributed.global_state.client.wait_at_barrier(f"arm_jax/{next(_barriers)}/{name}",
-                                                        timeout_s * 1000)
+    distributed_client().wait_at_barrier(f"arm_jax/{next(_barriers)}/{name}", timeout_s * 1000)
 
 
 def data_state_of_this_process(saved: str) -> str:
@@ -97,12 +94,7 @@ def data_state_of_this_process(saved: str) -> str:
     readers has seen the slot process 0's has seen plus s (-1: nothing seen yet).
     """
     shard = jax.process_index()
-    if shard == 0:
-        return saved
-    state = json.loads(saved)
-    state["last_seen_indices"] = {worker: index + shard if index >= 0 else index
-                                  for worker, index in state["last_seen_indices"].items()}
-    return json.dumps(state, indent=4)
+    return saved if shard == 0 else shift_grain_state(saved, shard)
 
 
 # What a collective or barrier says when a peer process is gone.
@@ -138,9 +130,7 @@ def _lost_processes() -> list[int]:
     """Processes the coordination service no longer counts as alive ([] if it cannot say)."""
     import concurrent.futures
 
-    from jax._src import distributed as jax_distributed  # the runtime client (no public API)
-
-    client = jax_distributed.global_state.client
+    client = distributed_client()
     everyone = list(range(jax.process_count()))
     if client is None:
         return []

@@ -10,39 +10,23 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from arm_jax.data import synthetic
+from arm_jax.data import registry, synthetic
 from arm_jax.data.base import (SPLITS, ArraySplit, FileSplit, LabelledSplit, Problems, Records,
                                SplitReport)
-from arm_jax.data.readers import affectnet, fer2013, folder, raf_db
+from arm_jax.data.readers import affectnet
 from arm_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-def _affectnet(num_classes: int):
-    """The AffectNet reader for the 7- or 8-class protocol."""
-    return lambda d, s, p, check: affectnet.read_affectnet(d, s, p, num_classes=num_classes,
-                                                           check_images=check)
-
-
-# name -> reader(data_dir, split, problems, check_images) -> Records
-_READERS = {
-    "fer2013": lambda d, s, p, check: fer2013.read_fer2013(d, s, p),
-    "ferplus": lambda d, s, p, check: fer2013.read_ferplus(d, s, p),
-    "fer2013_folder": lambda d, s, p, check: folder.read_fer2013_folder(d, s, p,
-                                                                      check_images=check),
-    "raf_db": lambda d, s, p, check: raf_db.read_raf_db(d, s, p, check_images=check),
-    "affectnet7": _affectnet(7),
-    "affectnet8": _affectnet(8),
-    "folder": lambda d, s, p, check: folder.read_folder(d, s, p, check_images=check),
-}
-DATASETS = tuple(_READERS) + ("synthetic",)
+# Every --dataset name (the built-in ones; data/registry.py adds more at run time).
+DATASETS = registry.names()
 
 
 def check_names(dataset: str, split: str) -> None:
     """UserError naming the allowed values if dataset or split is unknown."""
-    if dataset not in DATASETS:
-        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if dataset != registry.SYNTHETIC:
+        registry.spec(dataset)  # a UserError naming the choices
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
 
@@ -58,7 +42,7 @@ def read_records(dataset: str, data_dir: Path, split: str, problems: Problems, *
                  check_images: bool = True) -> Records:
     """A split's records from the raw files; bad records go to `problems`."""
     check_names(dataset, split)
-    records = _READERS[dataset](data_dir, split, problems, check_images)
+    records = registry.spec(dataset).read(data_dir, split, problems, check_images)
     if records.dropped:
         log.info("%s/%s: left out %d record(s): %s", dataset, split, records.dropped,
                  records.dropped_reason)
@@ -86,13 +70,9 @@ def open_raw(dataset: str, data_dir: str | Path | None, split: str, *, skip_bad:
                      records.mode, image_size_hint, report)
 
 
-# Data sets whose images come in many sizes: decoded straight to the model's input size.
-# The others travel at their native size (FER 48 px, RAF-DB 100 px, AffectNet's face crops
-# capped at affectnet.CROP_MAX_SIDE), so flip/noise happen there, as in the released code,
-# and resizing follows (on the device, or on the host for mixed sizes).
-VARIABLE_SIZE_DATASETS = ("folder",)
-
-
 def decode_size_hint(dataset: str, image_size: int) -> int | None:
-    """The `image_size_hint` to open `dataset` with for a model of `image_size`."""
-    return image_size if dataset in VARIABLE_SIZE_DATASETS else None
+    """The `image_size_hint` to open `dataset` with for a model of `image_size`: the model's size
+    for data sets whose images come in many sizes (DatasetSpec.variable_size), else None."""
+    if dataset == registry.SYNTHETIC:
+        return None
+    return image_size if registry.spec(dataset).variable_size else None

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from arm_jax.data import sources
+from arm_jax.data import registry, sources
 from arm_jax.data.base import SPLITS, BadRecord, Problems, decode_image, describe_bad
 from arm_jax.data.readers import affectnet, fer2013, raf_db
 from arm_jax.errors import DatasetError
@@ -52,29 +52,10 @@ def quiet_tfds():
         absl_logger.setLevel(level)
 
 
-def _source_files(dataset: str, data_dir: Path) -> tuple[list[Path], list[Path]]:
-    """(files hashed by content, folders whose files are fingerprinted by name/size/mtime)."""
-    if dataset == "fer2013":
-        return [fer2013.find_csv(data_dir)], []
-    if dataset == "ferplus":
-        return [fer2013.find_csv(data_dir), data_dir / "fer2013new.csv"], []
-    if dataset == "fer2013_folder":
-        return [], [data_dir / "train", data_dir / "test"]
-    if dataset == "raf_db":
-        return [data_dir / raf_db.LABEL_FILE], [data_dir / raf_db.IMAGE_DIR]
-    if dataset in ("affectnet7", "affectnet8"):
-        if affectnet.layout_of(data_dir) == "csv":
-            lists = data_dir / affectnet.LIST_DIR
-            return [lists / "training.csv", lists / "validation.csv"], [data_dir /
-                                                                        affectnet.IMAGE_DIR]
-        return [], [data_dir / "train_set", data_dir / "val_set"]
-    return [], [data_dir]  # folder
-
-
 def fingerprint(dataset: str, data_dir: Path) -> str:
     """A short hash of the source files a split is read from (content for label files)."""
     digest = hashlib.sha256(f"{dataset} {FORMAT_VERSION}".encode())
-    files, folders = _source_files(dataset, data_dir)
+    files, folders = registry.spec(dataset).source_files(data_dir)
     for path in files:
         digest.update(f"\0file {path.relative_to(data_dir)}\0".encode())
         if not path.is_file():
@@ -119,7 +100,6 @@ class _SourceBuilder(tfds.core.GeneratorBasedBuilder):
     """Shared builder: records from arm_jax's readers, one config per source fingerprint."""
 
     VERSION = tfds.core.Version(FORMAT_VERSION)
-    DATASETS: tuple[str, ...] = ()
     # tfds 4.9's code_path touches importlib_resources, which it only installs on
     # Python < 3.9; it serves to find download checksums, and nothing is downloaded here.
     code_path = None
@@ -139,8 +119,9 @@ class _SourceBuilder(tfds.core.GeneratorBasedBuilder):
         self.__init__(**state["_arm"], **state["_original_state"])
 
     def _info(self) -> tfds.core.DatasetInfo:
-        if self._dataset in ("fer2013", "ferplus"):
-            image = tfds.features.Tensor(shape=(fer2013.SIDE, fer2013.SIDE, 1), dtype=np.uint8)
+        pixels = registry.spec(self._dataset).stored_pixels
+        if pixels is not None:
+            image = tfds.features.Tensor(shape=pixels, dtype=np.uint8)
         else:
             image = tfds.features.Tensor(shape=(), dtype=np.object_)  # encoded file bytes
         return tfds.core.DatasetInfo(
@@ -208,7 +189,6 @@ def _png(image: np.ndarray) -> bytes:
 class ArmFer2013(_SourceBuilder):
     """FER2013 and FER+ (raw pixels from fer2013.csv) and FER2013's folder release."""
 
-    DATASETS = ("fer2013", "ferplus", "fer2013_folder")
     MANUAL_DOWNLOAD_INSTRUCTIONS = (f"{fer2013.HOW_TO_GET}\n{fer2013.FERPLUS_HOW_TO_GET}\n"
                                     f"Layout:\n{fer2013.FERPLUS_LAYOUT}")
 
@@ -216,21 +196,18 @@ class ArmFer2013(_SourceBuilder):
 class ArmRafDb(_SourceBuilder):
     """RAF-DB basic emotions as ArrayRecord (original JPEG bytes)."""
 
-    DATASETS = ("raf_db",)
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"{raf_db.HOW_TO_GET}\nLayout:\n{raf_db.LAYOUT}"
 
 
 class ArmAffectnet(_SourceBuilder):
     """AffectNet, 7 or 8 classes (the config name says which), as ArrayRecord."""
 
-    DATASETS = ("affectnet7", "affectnet8")
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"{affectnet.HOW_TO_GET}\nLayout:\n{affectnet.LAYOUT}"
 
 
 class ArmFolder(_SourceBuilder):
     """A generic labelled image folder as ArrayRecord."""
 
-    DATASETS = ("folder",)
     MANUAL_DOWNLOAD_INSTRUCTIONS = "A folder DIR/<split>/<class_name>/*.jpg|png."
 
 
@@ -245,7 +222,7 @@ def default_tfds_data_dir(tfds_data_dir: str | Path | None = None) -> Path:
 
 def make_builder(dataset: str, data_dir: Path, *, tfds_data_dir=None, skip_bad=False):
     """The builder for dataset's current source files (config = dataset + fingerprint)."""
-    cls = next(b for b in _BUILDERS if dataset in b.DATASETS)
+    cls = next(b for b in _BUILDERS if b.name == registry.spec(dataset).builder)
     config = tfds.core.BuilderConfig(name=f"{dataset}_{fingerprint(dataset, data_dir)}",
                                      description=f"{dataset} from {data_dir}")
     return cls(dataset=dataset, skip_bad=skip_bad, config=config,

@@ -50,7 +50,9 @@ def cpu() -> str:
         pass
     cores = os.cpu_count() or 1
     if "model name" in fields and "cpu family" in fields:
-        return f"{fields['model name']} (family {fields['cpu family']} model {fields.get('model', '?')}), {cores} cores"
+        # Without trademark signs and a bare trailing "Processor": "Intel(R) Xeon(R) Processor" -> "Intel Xeon".
+        name = re.sub(r"\s+Processor$", "", re.sub(r"\((R|TM)\)", "", fields["model name"])).strip()
+        return f"{name} (family {fields['cpu family']} model {fields.get('model', '?')}), {cores} cores"
     return f"{platform.processor() or platform.machine()}, {cores} cores"
 
 

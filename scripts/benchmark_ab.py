@@ -32,7 +32,6 @@ import arm_jax  # noqa: E402
 
 arm_jax.configure_cpu()  # XLA_FLAGS, before JAX starts its backend: as the arm-jax command runs
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from arm_jax.interop.pretrained import init_variables  # noqa: E402

@@ -16,7 +16,6 @@ Each run is a subprocess (this file as a script) because the simulated devices a
 distributed runtime must be set up before jax is imported, and the test process has jax already.
 """
 
-import json
 import os
 import socket
 import subprocess

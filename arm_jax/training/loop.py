@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -27,7 +28,7 @@ from arm_jax.errors import UserError
 from arm_jax.models import ARMResNet18, architecture, with_runtime
 from arm_jax.models.resnet import largest_activation_bytes
 from arm_jax.training.optim import lr_at_epoch, make_optimizer
-from arm_jax.training.parallel import make_parallel
+from arm_jax.training.parallel import Parallel, make_parallel
 from arm_jax.training.state import TrainState
 from arm_jax.training.steps import make_eval_step, make_train_step
 
@@ -74,21 +75,26 @@ class StopRequest:
         return signal.Signals(self.signum).name if self.signum else ""
 
 
+# The compiled steps, as `Parallel.compile_train` / `compile_eval` return them.
+TrainStep = Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]
+EvalStep = Callable[[TrainState, dict], dict]
+
+
 @dataclasses.dataclass
 class Run:
     """What the epoch loop needs besides the state: built once by `_setup`."""
 
     config: TrainConfig
     workdir: Path
-    par: object
+    par: Parallel  # how states and batches meet the devices, and how steps are compiled
+    train_step: TrainStep  # compiled: (state, batch, key) -> (state, metrics)
+    evaluate: EvalStep  # compiled: (state, batch) -> {'confusion', 'loss_sum', ...}
     train_split: LabelledSplit
     val_split: LabelledSplit
     steps_per_epoch: int
     local_batch: int
     data_seed: int
     step_key: jax.Array
-    train_step: object
-    evaluate: object
     model_info: dict
     ckpt: Checkpoints
     is_main: bool

@@ -12,7 +12,13 @@ OUT_DIR/gpu_check.json with:
   training: `train` on the synthetic set, 1 epoch at 224 px, --dtype bfloat16,
     workers for the cores present: steady images/s (steps after the first two)
     and the input pipeline's share (time the loop waited for a training batch /
-    wall time of those steps), plus validation seconds.
+    wall time of those steps), plus validation seconds;
+  input_pipeline: the training input pipeline alone (no model), one epoch at the same
+    batch and size with the same workers, on the synthetic faces the training run reads and
+    on RAF-DB-format JPEGs (100x100, written by scripts/benchmark_data.py's writer): its
+    images/s beside the training's steady images/s say which side a run waits on.
+
+Workers default to what `arm-jax train --workers auto` chooses for the cores present.
 """
 
 import argparse
@@ -31,9 +37,9 @@ sys.path.insert(0, str(REPO))
 import results_table  # noqa: E402  (scripts/, beside this file)
 
 FULL = {"device": "gpu", "batch": 256, "image_size": 224, "train_batch": 256, "rounds": 5,
-        "benchmark_timeout_s": 330, "max_train_examples": None}
+        "benchmark_timeout_s": 330, "max_train_examples": None, "pipeline_records": 4096}
 SMOKE = {"device": "cpu", "batch": 2, "image_size": 48, "train_batch": 4, "rounds": 1,
-         "benchmark_timeout_s": 300, "max_train_examples": 12}
+         "benchmark_timeout_s": 300, "max_train_examples": 12, "pipeline_records": 16}
 
 
 def environment() -> dict:
@@ -110,11 +116,42 @@ def run_training(sizes: dict, out_dir: Path, workers: int) -> dict:
     }
 
 
+def run_pipeline(sizes: dict, out_dir: Path, workers: int) -> dict:
+    """The training input pipeline alone: images/s of one epoch after its first batch."""
+    import tempfile
+
+    import numpy as np
+
+    import benchmark_data  # scripts/, beside this file
+    from arm_jax.data import open_split, pipeline
+    from arm_jax.data.base import Subset
+
+    def images_per_s(split) -> float:
+        loader = pipeline.make_loader(split, batch_size=sizes["train_batch"], seed=0, epoch=0, train=True,
+                                      image_size=sizes["image_size"], worker_count=workers)
+        batches = pipeline.read_through(loader)
+        next(batches)  # workers started, queues filling: the clock starts here
+        started, images = time.perf_counter(), 0
+        for batch in batches:
+            images += len(batch["label"])
+        return images / (time.perf_counter() - started)
+
+    result = {"workers": workers, "records": sizes["pipeline_records"]}
+    synthetic = open_split("synthetic", None, "train")
+    result["synthetic_images_per_s"] = images_per_s(Subset(synthetic, sizes["pipeline_records"], 0))
+    with tempfile.TemporaryDirectory(dir=out_dir) as folder:
+        dataset = benchmark_data.write_dataset("raf_db", Path(folder), sizes["pipeline_records"],
+                                               np.random.default_rng(0))
+        result["raf_db_images_per_s"] = images_per_s(open_split(dataset, folder, "train", prepared=False))
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, seconds")
-    parser.add_argument("--workers", type=int, default=None, help="default: cores - 2, at most 16 (smoke: 1)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="default: as `arm-jax train --workers auto` for these cores (smoke: 1)")
     results_table.add_option(parser)
     args = parser.parse_args()
     sizes = SMOKE if args.smoke else FULL
@@ -127,14 +164,20 @@ def main() -> None:
 
     if not args.smoke and jax.default_backend() != "gpu":
         sys.exit(f"gpu_check: JAX sees no GPU (backend {jax.default_backend()}); install jax[cuda12] or use --smoke")
-    workers = args.workers if args.workers is not None else (1 if args.smoke else max(1, min(16, (os.cpu_count() or 2) - 2)))
+    from arm_jax.training.config import worker_count_option
+
+    workers = args.workers if args.workers is not None else (1 if args.smoke else worker_count_option("auto"))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     report = {"smoke": args.smoke, "environment": environment()}
     report["benchmark"] = run_benchmark(sizes, args.out_dir, args.smoke, args.markdown)
     report["training"] = run_training(sizes, args.out_dir, workers)
+    report["input_pipeline"] = pipeline_report = run_pipeline(sizes, args.out_dir, workers)
+    steady = report["training"]["steady_images_per_s"] or float("nan")
+    report["bottleneck"] = ("the input pipeline" if pipeline_report["synthetic_images_per_s"] < steady
+                            else "the training step")
     report["load_average_end"] = os.getloadavg()
     (args.out_dir / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
-    print(json.dumps({k: report[k] for k in ("training",)}, indent=1, default=str))
+    print(json.dumps({k: report[k] for k in ("training", "input_pipeline", "bottleneck")}, indent=1, default=str))
     print(report["benchmark"].get("stdout", report["benchmark"].get("error")))
     print(f"wrote {args.out_dir / 'gpu_check.json'}")
     if args.markdown:
@@ -144,6 +187,8 @@ def main() -> None:
                "run": "synthetic, {image_size} px, batch {batch_size}, {dtype}, {worker_count} workers, "
                       "{epochs} epoch".format(**training["config"]) + (" (--smoke)" if args.smoke else ""),
                "steady images/s": f"{training['steady_images_per_s'] or float('nan'):.1f}",
+               "input pipeline alone, images/s (synthetic / RAF-DB JPEG)":
+                   f"{pipeline_report['synthetic_images_per_s']:.0f} / {pipeline_report['raf_db_images_per_s']:.0f}",
                "input wait share": f"{training['input_wait_share'] or float('nan'):.1%}",
                "validation s": f"{training['validation_s']:.1f}"}
         results_table.write_rows(args.markdown, "gpu_check", [row])

@@ -26,3 +26,8 @@ def test_gpu_check_smoke_writes_one_consistent_json(tmp_path):
     assert training["steady_images_per_s"] > 0
     assert 0.0 <= training["input_wait_share"] <= 1.0
     assert 0.0 < training["first_batch_wait_s"] < training["wall_s"]
+    pipeline = report["input_pipeline"]
+    assert pipeline["workers"] == 1 and pipeline["records"] == 16
+    assert pipeline["synthetic_images_per_s"] > 0 and pipeline["raf_db_images_per_s"] > 0
+    assert report["bottleneck"] == ("the input pipeline" if pipeline["synthetic_images_per_s"]
+                                    < training["steady_images_per_s"] else "the training step")

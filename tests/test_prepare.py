@@ -185,3 +185,44 @@ def test_affectnet_csv_prepared_equals_raw_and_a_changed_list_is_read_raw(tmp_pa
     fx.write_affectnet_csv(src, {"training": rows[:2] + [("1/b.jpg", 5, shared, (4, 6, 30, 40))]})
     stale = open_split("affectnet8", src, "train", tfds_data_dir=tfds_dir)
     assert not isinstance(stale, PreparedSplit) and stale.labels.tolist() == [0, 1, 5]
+
+
+def test_prepared_pixel_arrays_equal_the_records_and_data_prepared_without_them_still_reads(tmp_path, rng):
+    """prepare keeps RAF-DB's decoded images as one array per split beside the records (read
+    memory-mapped, not pickled into workers); AffectNet's face crops of several sizes stay
+    records only. Data prepared before the arrays existed reads from its records, and prepare
+    on it adds them."""
+    import pickle
+
+    entries = [(f"train_{i:05d}.jpg", i % 7 + 1, fx.random_image(rng, (100, 100, 3))) for i in range(1, 9)]
+    entries.append(("test_0001.jpg", 3, fx.random_image(rng, (100, 100, 3))))
+    src, tfds_dir = fx.write_raf_db(tmp_path / "raf", entries), tmp_path / "tfds"
+    result = prepare("raf_db", src, tfds_data_dir=tfds_dir)
+    arrays = sorted(p.name for p in result.path.glob("pixels-*.npy"))
+    assert arrays == ["pixels-test.npy", "pixels-train.npy", "pixels-val.npy"]
+    split = open_split("raf_db", src, "train", tfds_data_dir=tfds_dir)
+    assert split.pixels_path is not None and np.load(split.pixels_path).shape == (8, 100, 100, 3)
+    raw = open_split("raf_db", src, "train", prepared=False)
+    assert_same(split, raw)
+    split[0]  # the array is open in this process now
+    copy = pickle.loads(pickle.dumps(split))
+    assert len(pickle.dumps(split)) < 8 * 100 * 100 * 3 and copy._pixels is None  # the path, not the pixels
+    np.testing.assert_array_equal(copy[5]["image"], raw[5]["image"])
+    # An explicit decode size reads the records (decoded to that size), as the raw reader does.
+    assert open_split("raf_db", src, "train", tfds_data_dir=tfds_dir, image_size_hint=64).pixels_path is None
+
+    for path in result.path.glob("pixels-*.npy"):
+        path.unlink()  # as prepared before the arrays existed
+    older = open_split("raf_db", src, "train", tfds_data_dir=tfds_dir)
+    assert older.pixels_path is None
+    assert_same(older, raw)
+    assert prepare("raf_db", src, tfds_data_dir=tfds_dir).reused
+    assert open_split("raf_db", src, "train", tfds_data_dir=tfds_dir).pixels_path is not None
+
+    shared = fx.random_image(rng, (90, 80, 3))
+    rows = [("1/a.jpg", 0, fx.random_image(rng, (70, 70, 3))), ("1/b.jpg", 1, shared)]
+    an = fx.write_affectnet_csv(tmp_path / "an", {"training": rows, "validation": rows})
+    crops = prepare("affectnet7", an, tfds_data_dir=tfds_dir)
+    assert not list(crops.path.glob("pixels-*.npy")) and not list(crops.path.glob("*.partial"))
+    assert_same(open_split("affectnet7", an, "train", tfds_data_dir=tfds_dir),
+                open_split("affectnet7", an, "train", prepared=False))

@@ -9,6 +9,7 @@ attributes (tests/test_layers.py checks the source).
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import logging
@@ -21,15 +22,22 @@ TESTED = {"jax": "0.10", "grain": "0.2"}
 _warned: set[str] = set()
 
 
+@functools.cache
+def _installed(package: str) -> str | None:
+    """The installed version of `package` (read once per process: the calls below sit on barriers
+    and loader closes), or None."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def untested_versions() -> dict[str, str]:
     """{package: installed version} for installed packages whose major.minor is not `TESTED`'s."""
     found = {}
     for package, tested in TESTED.items():
-        try:
-            installed = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-        if ".".join(installed.split(".")[:2]) != tested:
+        installed = _installed(package)
+        if installed is not None and ".".join(installed.split(".")[:2]) != tested:
             found[package] = installed
     return found
 

@@ -193,23 +193,21 @@ def measure_datasets(args) -> list[dict]:
           "| start-up s |\n|---|---|---|---|---|---|")
     for layout in LAYOUTS:
         with tempfile.TemporaryDirectory(prefix=f"benchmark-data-{layout}-") as folder:
-            root, tfds = Path(folder) / "data", Path(folder) / "tfds"
+            root, tfds_dir = Path(folder) / "data", Path(folder) / "tfds"
             dataset = write_dataset(layout, root, args.records, np.random.default_rng(0))
-            prepare(dataset, root, tfds_data_dir=tfds)
-            cells = {}
+            prepare(dataset, root, tfds_data_dir=tfds_dir)
+            cells = {}  # read -> (us per image, images/s, cores for GPU_IMAGES_PER_S)
             for read in ("raw", "prepared"):
-                split = open_split(dataset, root, "train", prepared=read == "prepared", tfds_data_dir=tfds)
+                split = open_split(dataset, root, "train", prepared=read == "prepared", tfds_data_dir=tfds_dir)
                 assert isinstance(split, PreparedSplit) == (read == "prepared"), (layout, read)
                 startup, rate, _, _ = run_epoch(split, workers=1, resize_on="device",
                                                 batch_size=args.batch_size, image_size=args.image_size)
-                cells[read] = (1e6 / rate, rate, math.ceil(GPU_IMAGES_PER_S / rate))
-                print(f"| {layout} | {read} | {1e6 / rate:.0f} | {rate:,.0f} | {math.ceil(GPU_IMAGES_PER_S / rate)} "
-                      f"| {startup:.1f} |", flush=True)
+                cells[read] = (f"{1e6 / rate:.0f}", f"{rate:,.0f}", str(math.ceil(GPU_IMAGES_PER_S / rate)))
+                print(f"| {layout} | {read} | {' | '.join(cells[read])} | {startup:.1f} |", flush=True)
+        columns = ("us per image, raw / prepared", "images/s per worker", f"cores for {GPU_IMAGES_PER_S:,} images/s")
         rows.append({**stamp, "run": f"{len(split)} records, batch {args.batch_size}, {args.image_size} px, 1 worker",
                      "data set": layout,
-                     "us per image, raw / prepared": " / ".join(f"{cells[r][0]:.0f}" for r in ("raw", "prepared")),
-                     "images/s per worker": " / ".join(f"{cells[r][1]:,.0f}" for r in ("raw", "prepared")),
-                     f"cores for {GPU_IMAGES_PER_S:,} images/s": " / ".join(str(cells[r][2]) for r in ("raw", "prepared"))})
+                     **{name: f"{cells['raw'][i]} / {cells['prepared'][i]}" for i, name in enumerate(columns)}})
     return rows
 
 

@@ -123,18 +123,13 @@ def run_pipeline(sizes: dict, out_dir: Path, workers: int) -> dict:
     import numpy as np
 
     import benchmark_data  # scripts/, beside this file
-    from arm_jax.data import open_split, pipeline
+    from arm_jax.data import open_split
     from arm_jax.data.base import Subset
 
     def images_per_s(split) -> float:
-        loader = pipeline.make_loader(split, batch_size=sizes["train_batch"], seed=0, epoch=0, train=True,
-                                      image_size=sizes["image_size"], worker_count=workers)
-        batches = pipeline.read_through(loader)
-        next(batches)  # workers started, queues filling: the clock starts here
-        started, images = time.perf_counter(), 0
-        for batch in batches:
-            images += len(batch["label"])
-        return images / (time.perf_counter() - started)
+        _, rate, _, _ = benchmark_data.run_epoch(split, workers=workers, resize_on="device",
+                                                 batch_size=sizes["train_batch"], image_size=sizes["image_size"])
+        return rate
 
     result = {"workers": workers, "records": sizes["pipeline_records"]}
     synthetic = open_split("synthetic", None, "train")

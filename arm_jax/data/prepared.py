@@ -90,15 +90,12 @@ def open_prepared(dataset: str, data_dir: Path, split: str, *, skip_bad: bool = 
                          pixels=pixels if pixels.is_file() else None)
 
 
-def _write_pixel_arrays(builder, metadata) -> dict[str, bool]:
+def _write_pixel_arrays(builder, metadata) -> None:
     """Each split's decoded images as `pixels-<split>.npy` beside its records, where they share
-    one shape and fit PIXEL_ARRAY_MAX_BYTES (data prepared without them reads as before);
-    {split: whether its array exists now}."""
-    written = {}
+    one shape and fit PIXEL_ARRAY_MAX_BYTES (data prepared without them reads as before)."""
     for split in metadata["labels"]:
         target = _pixels_path(builder.data_dir, split)
         if target.is_file():
-            written[split] = True
             continue
         with tfds_builders.quiet_tfds():
             records = PreparedSplit(split, (), np.asarray(metadata["labels"][split], np.int32),
@@ -106,7 +103,6 @@ def _write_pixel_arrays(builder, metadata) -> dict[str, bool]:
         count = len(records)
         first = records.image(0) if count else None
         if first is None or count * first.nbytes > PIXEL_ARRAY_MAX_BYTES:
-            written[split] = False
             continue
         partial = target.with_name(target.name + ".partial")  # renamed when complete
         array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(count, *first.shape))
@@ -123,8 +119,6 @@ def _write_pixel_arrays(builder, metadata) -> dict[str, bool]:
             partial.replace(target)
         else:
             partial.unlink()
-        written[split] = complete
-    return written
 
 
 def prepare(dataset: str, data_dir: str | Path, *, tfds_data_dir: str | Path | None = None,

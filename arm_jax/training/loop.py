@@ -123,7 +123,12 @@ def _keys(seed: int):
     return init_key, data_seed, step_key
 
 
-def _setup(config: TrainConfig) -> tuple[Run, TrainState, dict]:
+def _key_data(key: jax.Array) -> tuple[int, ...]:
+    """A random key as the plain integers a checkpoint's Progress holds."""
+    return tuple(np.asarray(jax.random.key_data(key)).tolist())
+
+
+def _setup(config: TrainConfig) -> tuple[Run, TrainState, Progress]:
     """Open the data, build model/optimiser/steps, and resume from the latest checkpoint."""
     from arm_jax.interop.pretrained import init_variables
     from arm_jax.data.pipeline import steps_in_epoch
@@ -160,7 +165,7 @@ def _setup(config: TrainConfig) -> tuple[Run, TrainState, dict]:
     pretrained = None if config.pretrained.lower() == "none" else config.pretrained
     init_model = with_runtime(model, dtype=jnp.float32)
     ckpt = Checkpoints(workdir, keep=config.keep_checkpoints)
-    progress = Progress(step_key=tuple(np.asarray(jax.random.key_data(step_key)).tolist()))
+    progress = Progress(step_key=_key_data(step_key))
     restored = None
     if ckpt.latest_step() is not None:
         # Resuming: the checkpoint holds every value, so the restore target needs only the
@@ -378,7 +383,7 @@ def _train(config: TrainConfig, after_step, timings) -> dict:
     started = time.perf_counter()
     writer = _tensorboard(config, Path(config.workdir))
     run, host_state, progress = _setup(config)
-    if list(progress.step_key) != np.asarray(jax.random.key_data(run.step_key)).tolist():
+    if progress.step_key != _key_data(run.step_key):
         raise UserError(f"{run.ckpt.root}: its step key differs from seed {config.seed}'s")
     state = run.par.put_state(host_state)
     batches = TrainBatches(run.train_split, config, batch_size=run.local_batch, seed=run.data_seed,

@@ -72,7 +72,7 @@ def runners(model_class, size: int, batch: int):
     train_batch = {"image": images, "label": np.arange(batch, dtype=np.int32) % NUM_CLASSES,
                    "erase": np.zeros((batch, 4), np.int32)}
     options = training_compiler_options(largest_activation_bytes(batch, size))
-    train_step = jax.jit(make_train_step(model, tx, image_size=size), compiler_options=options)
+    train_step = jax.jit(make_train_step(model, tx), compiler_options=options)
     start = TrainState.create(variables, tx)
     forward = jax.jit(lambda variables, x: model.apply(variables, x, train=False))
     x = jax.random.normal(jax.random.key(1), (batch, size, size, 3))

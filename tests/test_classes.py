@@ -95,7 +95,7 @@ def fer_model(tmp_path_factory, fer_data):
     """A 7-class model named in FER2013's own spelling, and the same weights without names."""
     import jax
 
-    from arm_jax.data.transforms import preprocess_batch
+    from arm_jax.forward import apply_to_images
 
     root = tmp_path_factory.mktemp("models")
     # The plain classifier (GAP + fc over 512 features) at FER's native 48 px: no resizing
@@ -104,8 +104,7 @@ def fer_model(tmp_path_factory, fer_data):
     variables = plain_variables(model, 0)
     # Random features share a large mean: centre the logits on these faces (fc bias), so
     # that the predictions spread over the classes.
-    x = preprocess_batch({"image": fer_data[2]}, image_size=48, dtype=np.float32)
-    logits = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x))
+    logits = np.asarray(jax.jit(lambda v, x: apply_to_images(model, v, x))(variables, fer_data[2]))
     variables["params"]["fc"]["bias"] = -logits.mean(axis=0).astype(np.float32)
     named = save_model(root / "named", variables, model, classes.DATASET_CLASSES["fer2013"])
     nameless = shutil.copytree(named, root / "nameless")  # as `convert` writes a .pth's model

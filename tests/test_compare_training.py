@@ -90,7 +90,8 @@ def test_markdown_row_holds_both_frameworks_per_epoch_means_and_replaces_this_ma
 
 def test_recipe_preprocessing_matches_arm_jax_and_augmentations_follow_the_reference(rng):
     torch_recipe = pytest.importorskip("arm_jax.interop.torch_recipe")
-    from arm_jax.data.transforms import NO_ERASE, host_preprocess
+    from arm_jax.data.transforms import NO_ERASE
+    from tests.numpy_preprocess import host_preprocess
 
     for shape in ((100, 100, 3), (48, 48, 1)):
         image = rng.integers(0, 256, shape, dtype=np.uint8)

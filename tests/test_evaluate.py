@@ -12,7 +12,7 @@ from PIL import Image
 
 from arm_jax.inference.calibrate import calibrate_gar
 from arm_jax.data.synthetic import CLASS_NAMES, SyntheticSplit
-from arm_jax.data.transforms import host_preprocess
+from tests.numpy_preprocess import host_preprocess
 from arm_jax.errors import UserError
 from arm_jax.inference.evaluate import predict_split
 from arm_jax.inference.runner import batched_logits

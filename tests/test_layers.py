@@ -6,13 +6,15 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "arm_jax"
 
-# Layer -> the arm_jax layers it must not import. Top-level modules (errors, metrics, xla_flags)
-# are below every package.
+# Layer -> the arm_jax layers it must not import. Top-level modules (errors, metrics, xla_flags;
+# forward, above models and data) are below every other package.
 FORBIDDEN = {
-    "data": {"models", "training", "inference", "interop"},
+    "data": {"models", "forward", "training", "inference", "interop"},
     # The model knows nothing of the command line: it raises ValueError, which the layers that
     # build it from options or files turn into messages naming the option or the file.
-    "models": {"data", "training", "inference", "interop", "errors"},
+    "models": {"data", "forward", "training", "inference", "interop", "errors"},
+    # The one forward pass (model + preprocessing) sits on the models and the data, under every user of it.
+    "forward": {"training", "inference", "interop", "serving", "reproduce", "errors"},
     "training": {"inference"},
     "errors": {"data", "models", "training", "inference", "interop"},
     "metrics": {"data", "models", "training", "inference", "interop"},
@@ -83,4 +85,35 @@ def test_private_apis_of_jax_and_grain_are_used_only_in_compat():
             for name in names:
                 if any(name == private or name.startswith(private + ".") for private in PRIVATE):
                     found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {name}")
+    assert found == []
+
+
+def test_the_model_meets_images_only_through_the_one_forward_pass():
+    """Training, validation, evaluate, calibration, predict, serve and the StableHLO export apply the
+    model through arm_jax.forward (its preprocessing: data/transforms.device_preprocess); only the
+    ONNX graph, built node by node, reads the normalisation constants too (and its tests hold it to
+    the forward pass). A second `model.apply` on images or a second resize/normalise fails here."""
+    allowed = {
+        "apply": {"forward.py"},
+        "resize": {"data/transforms.py"},  # jax.image.resize: device_preprocess
+        "IMAGENET_MEAN": {"data/transforms.py", "interop/export.py"},
+        "IMAGENET_STD": {"data/transforms.py", "interop/export.py"},
+    }
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        where = path.relative_to(PACKAGE).as_posix()
+        if where.startswith("models/"):  # the model's own submodules apply each other
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and \
+                    node.value.attr == "image" and node.attr == "resize":
+                name = "resize"
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "apply":
+                name = "apply"
+            elif isinstance(node, ast.Name) and node.id in allowed:
+                name = node.id
+            else:
+                continue
+            if where not in allowed[name]:
+                found.append(f"arm_jax/{where}:{node.lineno}: {name}")
     assert found == []

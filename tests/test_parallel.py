@@ -78,7 +78,7 @@ def _run_modes(modes: list[str], out_path: str) -> None:
              "run/size": {"processes": np.int64(jax.process_count()), "devices": np.int64(jax.device_count())}}
     for mode in modes:
         par = make_parallel(mode)
-        step = par.compile_train(make_train_step(par.model(model), tx, image_size=IMAGE_SIZE))
+        step = par.compile_train(make_train_step(par.model(model), tx))
         state = par.put_state(host)
         for batch in _batches():
             state, metrics = step(state, par.put_batch({k: v[mine] for k, v in batch.items()}),
@@ -90,7 +90,7 @@ def _run_modes(modes: list[str], out_path: str) -> None:
             # evaluation paths are compared: at 40 px the 1e-10 state differences of the
             # modes grow to ~6e-8 in eval logits through BatchNorm's small running variances.
             evaluate = par.compile_eval(lambda axis: make_eval_step(
-                with_runtime(model, axis_name=axis), image_size=IMAGE_SIZE))
+                with_runtime(model, axis_name=axis)))
             evaluated = par.put_state(saved[f"{modes[0]}/state"])
             saved[f"{mode}/eval"] = {k: v for k, v in evaluate(evaluated, _batches()[0]).items() if k != "logits"}
     if jax.process_index() == 0:

@@ -96,7 +96,7 @@ def test_training_step_exported_for_cuda_on_this_cpu_carries_no_cpu_form():
               "label": jax.ShapeDtypeStruct((batch,), jnp.int32),
               "erase": jax.ShapeDtypeStruct((batch, 4), jnp.int32)}
     rng = jax.eval_shape(lambda: jax.random.key(1))
-    train_step = make_train_step(model, tx, image_size=size)
+    train_step = make_train_step(model, tx)
     texts = {}
     for platform in ("cuda", "cpu"):
         exported = jax.export.export(jax.jit(train_step), platforms=[platform])(state, images, rng)

@@ -20,7 +20,8 @@ import pytest
 import arm_jax
 from arm_jax.inference import jax_classifier, onnx_session, programs
 from arm_jax.inference.jax_classifier import JaxClassifier
-from arm_jax.interop.export import build_onnx, inference_fn, jax_inference_fn
+from arm_jax.forward import inference_fn
+from arm_jax.interop.export import build_onnx, jax_inference_fn
 from arm_jax.training.checkpoint_reading import load_model_from_checkpoint, read_variables
 from tests.fixtures import write_image
 from tests.serving import write_workdir

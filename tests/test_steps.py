@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arm_jax.data.transforms import preprocess_batch
+from arm_jax.data.transforms import device_preprocess
 from arm_jax.metrics import confusion_matrix
 from arm_jax.interop.pretrained import init_variables
 from arm_jax.models import ARMResNet18
@@ -41,7 +41,7 @@ def _tiny_setup(dtype=jnp.float32):
 
 
 def _preprocess(batch: dict, dtype) -> jax.Array:
-    return jax.jit(functools.partial(preprocess_batch, image_size=TINY_SIZE, dtype=dtype))(batch)
+    return jax.jit(functools.partial(device_preprocess, image_size=TINY_SIZE, dtype=dtype))(batch["image"], batch["erase"])
 
 
 def _cross_entropy_sum(logits, labels) -> float:
@@ -77,7 +77,7 @@ def test_train_step_sums_and_state_equal_a_second_implementation():
     logits, updates = forward(state.variables, x)
     batch["label"] = _labels_half_right(np.asarray(logits).argmax(-1), right=5)
 
-    new, metrics = jax.jit(make_train_step(model, tx, image_size=TINY_SIZE))(state, batch, jax.random.key(1))
+    new, metrics = jax.jit(make_train_step(model, tx))(state, batch, jax.random.key(1))
     assert (int(metrics["count"]), int(metrics["correct"])) == (TINY_BATCH, 5)
     assert float(metrics["loss_sum"]) == pytest.approx(_cross_entropy_sum(logits, batch["label"]), rel=1e-5)
     assert int(new.step) == 1
@@ -115,7 +115,7 @@ def test_eval_step_confusion_loss_and_count_equal_numpy():
     logits = np.asarray(jax.jit(functools.partial(model.apply, train=False))(state.variables, x))
     predicted = logits.argmax(-1)
     batch["label"] = _labels_half_right(predicted, right=4)
-    out = jax.jit(make_eval_step(model, image_size=TINY_SIZE))(state, batch)
+    out = jax.jit(make_eval_step(model))(state, batch)
     np.testing.assert_allclose(out["logits"], logits, rtol=1e-6, atol=1e-6)
     expected = confusion_matrix(batch["label"], predicted, 7)
     assert not np.array_equal(expected, expected.T)
@@ -127,7 +127,7 @@ def test_eval_step_confusion_loss_and_count_equal_numpy():
 def test_train_step_lowers_the_loss_on_a_fixed_batch_tiny():
     model, tx, state, batch = _tiny_setup()
     batch["label"] = np.arange(TINY_BATCH, dtype=np.int32) % 7
-    step = jax.jit(make_train_step(model, tx, image_size=TINY_SIZE))
+    step = jax.jit(make_train_step(model, tx))
     losses = []
     for _ in range(8):
         state, metrics = step(state, batch, jax.random.key(1))
@@ -150,7 +150,7 @@ def _setup(dtype):
 @pytest.mark.slow  # the full model compiled and run at 96 px (69 s under load); fast: the TinyARM tests above
 def test_train_step_lowers_the_loss_on_a_fixed_batch():
     model, tx, state, batch = _setup(jnp.float32)
-    step = jax.jit(make_train_step(model, tx, image_size=SIZE))
+    step = jax.jit(make_train_step(model, tx))
     losses = []
     for _ in range(4):
         state, metrics = step(state, batch, jax.random.key(1))
@@ -162,7 +162,7 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch():
     # Evaluation: the confusion matrix has a row per TRUE class. Labels shifted by one make
     # most predictions wrong, so a transposed matrix (rows = predicted) cannot pass.
     shifted = {**batch, "label": (batch["label"] + 1) % 7}
-    out = jax.jit(make_eval_step(model, image_size=SIZE))(state, shifted)
+    out = jax.jit(make_eval_step(model))(state, shifted)
     assert out["logits"].shape == (BATCH, 7)
     expected = np.zeros((7, 7), np.int64)
     for label, predicted in zip(shifted["label"], np.asarray(out["logits"]).argmax(-1), strict=True):
@@ -189,13 +189,13 @@ def _conv_operand_dtypes(jaxpr) -> list[set]:
 @pytest.mark.slow  # the full bf16 step compiled at 96 px (82 s under load); fast: the bf16 tests below
 def test_bfloat16_computes_in_bf16_and_keeps_float32_state():
     model, tx, state, batch = _setup(jnp.bfloat16)
-    new, metrics = jax.jit(make_train_step(model, tx, image_size=SIZE))(state, batch, jax.random.key(1))
+    new, metrics = jax.jit(make_train_step(model, tx))(state, batch, jax.random.key(1))
     # Parameters, Adam moments, BatchNorm statistics and the running GAR all stay float32.
     dtypes = {x.dtype for x in jax.tree.leaves((new.params, new.opt_state, new.batch_stats, new.gar))}
     assert dtypes <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.int32)}, dtypes
     assert new.gar["arm"]["affinity"]["mean"].dtype == jnp.float32
     assert np.isfinite(float(metrics["loss_sum"]))
-    jaxpr = jax.make_jaxpr(make_train_step(model, tx, image_size=SIZE))(state, batch, jax.random.key(1))
+    jaxpr = jax.make_jaxpr(make_train_step(model, tx))(state, batch, jax.random.key(1))
     convs = _conv_operand_dtypes(jaxpr.jaxpr)
     # 20 backbone convolutions and De-albino forward, and their backward passes: all in bf16.
     assert len(convs) >= 21 and all(operands == {"bfloat16"} for operands in convs), convs
@@ -215,7 +215,7 @@ def test_bfloat16_step_computes_in_bf16_and_keeps_float32_state_tiny():
     model's loss to bf16 precision, not exactly (it did compute in bf16), and float32 statistics."""
     model, tx, state, batch = _tiny_setup(jnp.bfloat16)
     batch["label"] = np.arange(TINY_BATCH, dtype=np.int32) % 7
-    jaxpr = jax.make_jaxpr(make_train_step(model, tx, image_size=TINY_SIZE))(state, batch, jax.random.key(1))
+    jaxpr = jax.make_jaxpr(make_train_step(model, tx))(state, batch, jax.random.key(1))
     convs = _conv_operand_dtypes(jaxpr.jaxpr)
     # 5 forward convolutions (stem, block, projection, De-albino) and their gradients.
     assert len(convs) >= 10 and all(operands == {"bfloat16"} for operands in convs), convs
@@ -245,7 +245,7 @@ def test_bfloat16_full_model_step_traces_to_bf16_convolutions_and_float32_state(
         ARMResNet18(num_classes=7, image_size=size).init(jax.random.key(0), x, train=False), tx), x)
     batch = {"image": jax.ShapeDtypeStruct((4, 48, 48, 1), jnp.uint8), "label": jax.ShapeDtypeStruct((4,), jnp.int32),
              "erase": jax.ShapeDtypeStruct((4, 4), jnp.int32)}
-    jaxpr = jax.make_jaxpr(make_train_step(model, tx, image_size=size))(state, batch, jax.random.key(1))
+    jaxpr = jax.make_jaxpr(make_train_step(model, tx))(state, batch, jax.random.key(1))
     convs = _conv_operand_dtypes(jaxpr.jaxpr)
     assert len(convs) >= 21 and all(operands == {"bfloat16"} for operands in convs), convs
     new_state = jax.tree.unflatten(jax.tree.structure(state), jaxpr.out_avals[:len(jax.tree.leaves(state))])

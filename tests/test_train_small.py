@@ -146,9 +146,9 @@ def test_trains_as_a_hand_written_loop_over_the_same_batches(small_run):
     model = TinyARM(num_classes=7, image_size=config.image_size)
     tx = make_optimizer(config, STEPS_PER_EPOCH)
     par = make_parallel("none")
-    train_step = par.compile_train(make_train_step(model, tx, image_size=config.image_size),
+    train_step = par.compile_train(make_train_step(model, tx),
                                    largest_intermediate_bytes=largest_activation_bytes(8, config.image_size))
-    evaluate = jax.jit(make_eval_step(model, image_size=config.image_size))
+    evaluate = jax.jit(make_eval_step(model))
     state = par.put_state(jax.tree.map(np.asarray, TrainState.create(_fresh_variables(model, init_key), tx)))
     records = _records(workdir)
     common = dict(batch_size=8, seed=data_seed, image_size=config.image_size, shard_index=0, shard_count=1)

@@ -9,6 +9,7 @@ import pytest
 
 from arm_jax.data import transforms
 from arm_jax.data.base import resize_uint8
+from tests import numpy_preprocess
 
 
 def _rng(seed=0):
@@ -88,8 +89,8 @@ def test_bilinear_weights_match_jax_resize_up_and_down():
     image = _rng(6).random((1, 13, 9, 1)).astype(np.float32)
     for shape in ((30, 20), (5, 4)):
         want = np.asarray(jax.image.resize(image, (1, *shape, 1), "bilinear"))
-        got = np.einsum("oh,nhwc->nowc", transforms.bilinear_weights(13, shape[0]), image)
-        got = np.einsum("pw,nowc->nopc", transforms.bilinear_weights(9, shape[1]), got)
+        got = np.einsum("oh,nhwc->nowc", numpy_preprocess.bilinear_weights(13, shape[0]), image)
+        got = np.einsum("pw,nowc->nopc", numpy_preprocess.bilinear_weights(9, shape[1]), got)
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
@@ -104,7 +105,7 @@ def test_pil_host_resize_matches_the_device_convention(size):
 def test_normalisation_and_gray_to_rgb_against_hand_values():
     image = np.zeros((1, 2, 2, 1), np.uint8)
     image[0, 0, 0, 0] = 255
-    out = transforms.host_preprocess(image, np.zeros((1, 4), np.int32), image_size=2)
+    out = numpy_preprocess.host_preprocess(image, np.zeros((1, 4), np.int32), image_size=2)
     assert out.shape == (1, 2, 2, 3)
     np.testing.assert_allclose(out[0, 0, 0], [(1 - 0.485) / 0.229, (1 - 0.456) / 0.224,
                                               (1 - 0.406) / 0.225], rtol=1e-6)
@@ -118,11 +119,11 @@ def test_device_and_host_preprocess_agree_and_erase_only_the_box():
     fn = jax.jit(transforms.device_preprocess, static_argnames=("image_size", "dtype"))
     for shape in ((2, 12, 12, 1), (2, 40, 40, 3)):
         images = rng.integers(0, 256, shape, dtype=np.uint8)
-        host = transforms.host_preprocess(images, boxes, image_size=24)
+        host = numpy_preprocess.host_preprocess(images, boxes, image_size=24)
         device = np.asarray(fn(jnp.asarray(images), jnp.asarray(boxes), image_size=24))
         assert device.shape == (2, 24, 24, 3) and device.dtype == np.float32
         assert np.abs(host - device).max() < 1e-4
-        unerased = transforms.host_preprocess(images, np.zeros_like(boxes), image_size=24)
+        unerased = numpy_preprocess.host_preprocess(images, np.zeros_like(boxes), image_size=24)
         inside = np.zeros((24, 24), bool)
         inside[3:13, 5:9] = True
         assert (device[0][inside] == 0).all()

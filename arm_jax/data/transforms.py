@@ -4,7 +4,7 @@ Host, per record (numpy + a per-record generator): the flip-or-noise augmentatio
 drawing the RandomErasing box. Device, per batch (pure jax, inside the jitted step):
 resize, gray -> RGB, ImageNet normalisation and applying the erasing box. Small FER
 images (48x48x1) then travel at native size: 224*224*3 / (48*48) = 65x fewer bytes.
-`host_preprocess` is the same math in numpy, for checks and jax-free use.
+The model meets these through `arm_jax.forward` (tests/numpy_preprocess.py checks them).
 """
 
 import math
@@ -103,69 +103,33 @@ def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
     return np.rint(luma)[:, :, None].astype(np.uint8)
 
 
-# ---- the resize convention, in numpy -----------------------------------------------------
+# ---- per batch, on the device -------------------------------------------------------------
 
-def bilinear_weights(in_size: int, out_size: int) -> np.ndarray:
-    """(out_size, in_size) float64 weights of jax.image.resize 'bilinear' (antialias=True).
-
-    Half-pixel centres; when downscaling the triangle kernel is widened by in/out (the
-    antialias), when upscaling it is plain linear interpolation; weights that fall off the
-    image are dropped and each row renormalised (so edges clamp).
-    """
-    scale = out_size / in_size
-    kernel_scale = max(1.0 / scale, 1.0)
-    centres = (np.arange(out_size) + 0.5) / scale - 0.5
-    distance = np.abs(centres[:, None] - np.arange(in_size)[None, :]) / kernel_scale
-    weights = np.maximum(0.0, 1.0 - distance)
-    return weights / weights.sum(axis=1, keepdims=True)
-
-
-# ---- per batch: numpy twin and the device version ---------------------------------------
-
-def host_preprocess(images_uint8: np.ndarray, erase_boxes: np.ndarray, *, image_size: int,
-                    dtype=np.float32) -> np.ndarray:
-    """numpy twin of `device_preprocess` (same math, float64 inside)."""
-    x = np.asarray(images_uint8, dtype=np.float64) / 255.0
-    rows = bilinear_weights(x.shape[1], image_size)
-    cols = bilinear_weights(x.shape[2], image_size)
-    x = np.einsum("oh,nhwc->nowc", rows, x)
-    x = np.einsum("pw,nowc->nopc", cols, x)
-    x = np.broadcast_to(x, x.shape[:3] + (3,))
-    x = (x - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
-    x = np.where(_erase_mask(np, np.asarray(erase_boxes), image_size)[..., None], 0.0, x)
-    return x.astype(dtype)
-
-
-def device_preprocess(images_uint8: jax.Array, erase_boxes: jax.Array, *, image_size: int,
+def device_preprocess(images_uint8: jax.Array, erase_boxes: jax.Array | None, *, image_size: int,
                       dtype=jnp.float32) -> jax.Array:
-    """uint8 (N, H, W, C) + (N, 4) boxes -> (N, image_size, image_size, 3) model input.
+    """uint8 (N, H, W, C) + (N, 4) boxes or None -> (N, image_size, image_size, 3) model input.
 
     Resize (jax.image.resize 'bilinear'), gray -> 3 channels, ImageNet mean/std, then zero
     the erasing box: the released code runs RandomErasing after Normalize, so its value 0
     is 0 in normalised units. Resizing before normalising is the same as the reference's
-    resize-then-normalise because both are linear and resize weights sum to one.
+    resize-then-normalise because both are linear and resize weights sum to one. Images
+    already at the size and no boxes (inference) trace no resize and no select at all.
     """
     x = images_uint8.astype(jnp.float32) / 255.0
-    n, _, _, c = x.shape
-    x = jax.image.resize(x, (n, image_size, image_size, c), method="bilinear")
+    n, height, width, c = x.shape
+    if (height, width) != (image_size, image_size):
+        x = jax.image.resize(x, (n, image_size, image_size, c), method="bilinear")
     x = jnp.broadcast_to(x, (n, image_size, image_size, 3))
     x = (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
-    x = jnp.where(_erase_mask(jnp, erase_boxes, image_size)[..., None], 0.0, x)
+    if erase_boxes is not None:
+        x = jnp.where(_erase_mask(erase_boxes, image_size)[..., None], 0.0, x)
     return x.astype(dtype)
 
 
-def preprocess_batch(batch: dict, *, image_size: int, dtype) -> jax.Array:
-    """A pipeline batch's uint8 images (+ random-erasing boxes, if any) -> model input."""
-    erase = batch.get("erase")
-    if erase is None:  # eval batches may come without boxes: no erasing
-        erase = jnp.zeros((batch["image"].shape[0], 4), jnp.int32)
-    return device_preprocess(batch["image"], erase, image_size=image_size, dtype=dtype)
-
-
-def _erase_mask(xp, boxes, image_size: int):
+def _erase_mask(boxes: jax.Array, image_size: int) -> jax.Array:
     """(N, S, S) bool: True inside each (top, left, height, width) box."""
     top, left, height, width = (boxes[:, i, None] for i in range(4))
-    grid = xp.arange(image_size)[None, :]
+    grid = jnp.arange(image_size)[None, :]
     in_rows = (grid >= top) & (grid < top + height)
     in_cols = (grid >= left) & (grid < left + width)
     return in_rows[:, :, None] & in_cols[:, None, :]

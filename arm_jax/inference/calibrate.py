@@ -12,7 +12,7 @@ from tqdm import tqdm
 from arm_jax.data.pipeline import make_loader, read_through
 from arm_jax.data.sources import decode_size_hint
 from arm_jax.data.splits import open_split
-from arm_jax.data.transforms import preprocess_batch
+from arm_jax.forward import apply_to_images
 from arm_jax.inference.runner import name_model
 from arm_jax.interop.model_files import LoadedModel, load_any_model, save_model
 
@@ -35,10 +35,9 @@ def calibrate_gar(loaded: LoadedModel, train_split, *, batch_size: int = 256, se
 
     @jax.jit
     def representation_sum(variables, images):
-        x = preprocess_batch({"image": images}, image_size=model.image_size, dtype=model.dtype)  # no erasing
-        # Updated statistics are discarded: calibration changes only the running GAR.
-        _, state = model.apply(variables, x, train=True, mutable=["batch_stats", "gar", "intermediates"],
-                               rngs={"dropout": jax.random.key(seed)})
+        # No erasing; updated statistics are discarded: calibration changes only the running GAR.
+        _, state = apply_to_images(model, variables, images, train=True, rngs={"dropout": jax.random.key(seed)},
+                                   mutable=["batch_stats", "gar", "intermediates"])
         return state["intermediates"]["arm"]["affinity"]["representation_sum"][0]
 
     limit = len(train_split) if max_examples is None else min(max_examples, len(train_split))

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from arm_jax.data.base import resize_uint8
+
 CASCADE_FILE = "haarcascade_frontalface_alt2.xml"
 EYE_CASCADE_FILE = "haarcascade_eye.xml"
 MAX_ROLL_DEGREES = 30.0
@@ -125,11 +127,10 @@ def crop_face(image: np.ndarray, box: Box, size: int, margin: float = FACE_MARGI
 
 def _resize(square: np.ndarray, size: int) -> np.ndarray:
     """size x size; 0 keeps the square as it is."""
-    if size == 0 or square.shape[0] == size:
+    if size == 0:
         return np.ascontiguousarray(square)
-    # INTER_AREA averages when shrinking (no aliasing), like PIL's widened bilinear the model was trained with.
-    interpolation = cv2.INTER_AREA if square.shape[0] > size else cv2.INTER_LINEAR
-    return cv2.resize(square, (size, size), interpolation=interpolation)
+    # The convention every other input of the model is resized with (the loader's, predict's on crops).
+    return resize_uint8(np.ascontiguousarray(square), size)
 
 
 def draw_faces(image: np.ndarray, labelled: list[tuple[Box, str]]) -> np.ndarray:

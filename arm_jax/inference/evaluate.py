@@ -15,7 +15,7 @@ from arm_jax.errors import UserError
 from arm_jax.inference.calibrate import calibrate_gar
 from arm_jax.inference.runner import batched_logits, name_model
 from arm_jax.interop.model_files import LoadedModel, load_any_model
-from arm_jax.metrics import per_class_accuracy
+from arm_jax.metrics import per_class_accuracy, weighted_accuracy
 from arm_jax.models import GAR_MODES, with_runtime
 
 
@@ -156,7 +156,7 @@ def _report(mapping: ClassMapping, labels, predictions, notes, **fields) -> Eval
                      "predictions of it are errors (extra confusion columns)")
     return EvaluationReport(
         **fields, class_names=mapping.data_names, confusion=matrix.tolist(),
-        wa=float(np.trace(matrix) / total) if total else float("nan"),
+        wa=weighted_accuracy(matrix),  # the diagonal: data classes' columns come first
         ua=float(recall[present].mean()) if present else float("nan"),
         per_class={mapping.data_names[i]: (None if np.isnan(recall[i]) else float(recall[i]))
                    for i in shared},

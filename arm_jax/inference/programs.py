@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 
 PROGRAM_CACHE_SUBDIR = "arm-jax-programs"
 FORMAT = 1  # bump when what an entry holds changes
-# The code an exported program is made of: the model, inference_fn, the preprocessing constants.
-PROGRAM_SOURCES = ("models/*.py", "interop/export.py", "data/transforms.py")
+# The code an exported program is made of: the model, the forward pass, the preprocessing.
+PROGRAM_SOURCES = ("models/*.py", "forward.py", "data/transforms.py")
 
 
 def source_digest(package: Path | None = None) -> str:
@@ -181,7 +181,7 @@ def _reloadable(compiled, reference, variables: Any, images: jax.ShapeDtypeStruc
 
 def export_inference(model, variables_shapes: Any) -> jax.export.Exported:
     """jax.export of inference_fn(model) for variables of `variables_shapes`, uint8 images of any batch size."""
-    from arm_jax.interop.export import inference_fn  # flax and the model: only when exporting
+    from arm_jax.forward import inference_fn  # flax and the model: only when exporting
 
     size = model.image_size
     (batch,) = jax.export.symbolic_shape("N")

@@ -2,15 +2,14 @@
 
 import logging
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from arm_jax.data.classes import given_class_names
-from arm_jax.data.transforms import preprocess_batch
 from arm_jax.errors import UserError
+from arm_jax.forward import apply_to_images
 from arm_jax.interop.model_files import LoadedModel
 from arm_jax.models import ARMResNet18
 
@@ -18,14 +17,8 @@ log = logging.getLogger(__name__)
 
 
 def make_logits_fn(model: ARMResNet18):
-    """jit-compiled (variables, uint8 images) -> float32 logits; nothing mutable."""
-
-    @jax.jit
-    def logits_fn(variables: dict[str, Any], images: jax.Array) -> jax.Array:
-        x = preprocess_batch({"image": images}, image_size=model.image_size, dtype=model.dtype)  # no erasing
-        return model.apply(variables, x, train=False)
-
-    return logits_fn
+    """jit-compiled (variables, uint8 images) -> float32 logits; nothing mutable, no erasing."""
+    return jax.jit(lambda variables, images: apply_to_images(model, variables, images))
 
 
 def batched_logits(loaded: LoadedModel, model: ARMResNet18, batches: Iterable[dict],

@@ -30,8 +30,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from arm_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from arm_jax.errors import UserError
+from arm_jax.forward import inference_fn
 from arm_jax.interop.model_files import LoadedModel, load_any_model
-from arm_jax.models import ARMResNet18, architecture, with_runtime
+from arm_jax.models import ARMResNet18, architecture
 from arm_jax.models.resnet import BLOCKS_PER_STAGE, STAGE_WIDTHS
 
 OPSET = 17
@@ -141,7 +142,7 @@ def build_onnx(loaded: LoadedModel, *, source: str = "") -> onnx.ModelProto:
     graph = GraphBuilder()
     x = graph.op("Cast", ["image"], "pixels", to=TensorProto.FLOAT)
     x = graph.op("Transpose", [x], "nchw", perm=[0, 3, 1, 2])
-    # (x / 255 - mean) / std, the order of arm_jax.data.transforms.device_preprocess.
+    # (x / 255 - mean) / std with transforms' constants, the order of arm_jax.forward's preprocessing.
     x = graph.op("Div", [x, graph.constant("255", np.float32(255.0))])
     x = graph.op("Sub", [x, graph.constant("imagenet_mean", _f32(IMAGENET_MEAN).reshape(1, 3, 1, 1))])
     x = graph.op("Div", [x, graph.constant("imagenet_std", _f32(IMAGENET_STD).reshape(1, 3, 1, 1))], "normalised")
@@ -173,21 +174,6 @@ def build_onnx(loaded: LoadedModel, *, source: str = "") -> onnx.ModelProto:
 def class_names_of(loaded: LoadedModel) -> tuple[str, ...]:
     """The model's class names, or class_0.. where it has none."""
     return loaded.class_names or tuple(f"class_{i}" for i in range(loaded.model.num_classes))
-
-
-def inference_fn(model: ARMResNet18):
-    """(variables, uint8 (N, S, S, 3)) -> (logits, probabilities) with the running GAR, the function the ONNX
-    graph reproduces. The weights are arguments, so one compiled program serves every checkpoint of an
-    architecture (and XLA does not fold 45 MB of constants into it)."""
-    model = with_runtime(model, gar_mode="running")
-    mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
-
-    def infer(variables: dict[str, Any], images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        x = (images.astype(jnp.float32) / 255.0 - mean) / std
-        logits = model.apply(variables, x.astype(model.dtype), train=False)
-        return logits, jax.nn.softmax(logits, axis=-1)
-
-    return infer
 
 
 def jax_inference_fn(loaded: LoadedModel):

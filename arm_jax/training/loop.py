@@ -189,11 +189,10 @@ def _setup(config: TrainConfig) -> tuple[Run, TrainState, Progress]:
         steps_per_epoch=steps_per_epoch, local_batch=local_batch, data_seed=data_seed,
         step_key=step_key,
         train_step=par.compile_train(
-            make_train_step(par.model(model), tx, image_size=image_size),
+            make_train_step(par.model(model), tx),
             # This process's whole batch: under --parallel jit an upper bound of one device's share.
             largest_intermediate_bytes=largest_activation_bytes(local_batch, image_size)),
-        evaluate=par.compile_eval(lambda axis: make_eval_step(
-            with_runtime(model, axis_name=axis), image_size=image_size)),
+        evaluate=par.compile_eval(lambda axis: make_eval_step(with_runtime(model, axis_name=axis))),
         model_info={"architecture": architecture(model), "class_names": list(train_split.class_names),
                     "dataset": config.dataset, "image_size": image_size, "gar_mode": config.gar_mode},
         ckpt=ckpt, is_main=is_main)

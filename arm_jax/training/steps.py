@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from arm_jax.data.transforms import preprocess_batch
+from arm_jax.forward import apply_to_images
 from arm_jax.training.state import TrainState
 
 TrainStep = Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]
@@ -29,7 +29,7 @@ def _sum_metrics(losses, logits, labels, axis_name):
     return jax.lax.psum(metrics, axis_name) if axis_name else metrics
 
 
-def make_train_step(model, tx: optax.GradientTransformation, *, image_size: int) -> TrainStep:
+def make_train_step(model, tx: optax.GradientTransformation) -> TrainStep:
     """The training step of `model` (built with axis_name for pmap, None otherwise).
 
     Returns train_step(state, batch, rng) -> (new_state, metrics) with metrics the GLOBAL
@@ -41,13 +41,12 @@ def make_train_step(model, tx: optax.GradientTransformation, *, image_size: int)
     def train_step(state: TrainState, batch: dict, rng: jax.Array):
         rng = jax.random.fold_in(rng, state.step)
         dropout_rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name)) if axis_name else rng
-        images = preprocess_batch(batch, image_size=image_size, dtype=model.dtype)
         labels = batch["label"]
 
         def loss_fn(params):
             variables = {"params": params, "batch_stats": state.batch_stats, "gar": state.gar}
-            logits, updates = model.apply(variables, images, train=True,
-                                          mutable=["batch_stats", "gar"], rngs={"dropout": dropout_rng})
+            logits, updates = apply_to_images(model, variables, batch["image"], erase=batch.get("erase"), train=True,
+                                              mutable=["batch_stats", "gar"], rngs={"dropout": dropout_rng})
             losses = cross_entropy(logits, labels)
             return losses.mean(), (losses, logits, updates)
 
@@ -69,7 +68,7 @@ def make_train_step(model, tx: optax.GradientTransformation, *, image_size: int)
     return train_step
 
 
-def make_eval_step(model, *, image_size: int) -> EvalStep:
+def make_eval_step(model) -> EvalStep:
     """eval_step(state, batch) -> {'logits', 'confusion', 'loss_sum', 'correct', 'count'}.
 
     Nothing is mutable. With gar_mode 'batch' the GAR is the mean over this batch (all
@@ -79,9 +78,8 @@ def make_eval_step(model, *, image_size: int) -> EvalStep:
     axis_name = model.axis_name
 
     def eval_step(state: TrainState, batch: dict) -> dict:
-        images = preprocess_batch(batch, image_size=image_size, dtype=model.dtype)
         labels = batch["label"]
-        logits = model.apply(state.variables, images, train=False)
+        logits = apply_to_images(model, state.variables, batch["image"], erase=batch.get("erase"))
         num_classes = logits.shape[-1]
         confusion = jnp.einsum("nc,nd->cd", jax.nn.one_hot(labels, num_classes, dtype=jnp.int32),
                                jax.nn.one_hot(logits.argmax(-1), num_classes, dtype=jnp.int32))

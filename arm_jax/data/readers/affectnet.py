@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from arm_jax.data.base import (IMAGE_SUFFIXES, FileSplit, Problems, Records, SplitReport,
-                               check_image_paths, contained_path, decode_image)
+                               check_image_paths, contained_path, decode_image, resize_uint8)
 from arm_jax.data.classes import dataset_classes
 from arm_jax.data.readers import require
 from arm_jax.errors import DatasetError
@@ -104,10 +104,7 @@ def face_crop(source: Path | bytes, box, mode: str) -> np.ndarray:
     if side <= CROP_MAX_SIDE:
         return np.ascontiguousarray(crop)
     scale = CROP_MAX_SIDE / side
-    size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
-    resized = np.asarray(Image.fromarray(crop.squeeze(-1) if crop.shape[-1] == 1 else crop)
-                         .resize(size, Image.BILINEAR), dtype=np.uint8)
-    return resized[..., None] if resized.ndim == 2 else resized
+    return resize_uint8(crop, max(1, round(crop.shape[0] * scale)), max(1, round(crop.shape[1] * scale)))
 
 
 class FaceCropSplit(FileSplit):
@@ -125,12 +122,7 @@ class FaceCropSplit(FileSplit):
         except (OSError, SyntaxError, ValueError) as e:
             raise DatasetError(f"{path}: face crop cannot be decoded ({e}); run `arm-jax "
                                "prepare` to check every image before training") from e
-        if self.size is None or crop.shape[:2] == (self.size, self.size):
-            return crop
-        resized = Image.fromarray(crop.squeeze(-1) if crop.shape[-1] == 1 else crop).resize(
-            (self.size, self.size), Image.BILINEAR)
-        array = np.asarray(resized, dtype=np.uint8)
-        return array[..., None] if array.ndim == 2 else array
+        return crop if self.size is None else resize_uint8(crop, self.size)
 
 
 def _read_csv(data_dir, split, num_classes, problems):

@@ -30,7 +30,7 @@ STEPS = ("tests/test_steps.py",)
 LOOP = ("tests/test_train_small.py",)
 CHECKPOINTS = ("tests/test_checkpoint.py", "tests/test_train_small.py")
 PRECISION = ("tests/test_batchnorm.py", "tests/test_steps.py", "tests/test_train_small.py")
-DATA = ("tests/test_pipeline.py", "tests/test_feed.py", "tests/test_train_small.py")
+DATA = ("tests/test_pipeline.py", "tests/test_sampling.py", "tests/test_feed.py", "tests/test_train_small.py")
 
 
 @dataclass(frozen=True)
@@ -79,14 +79,16 @@ BUGS = (
         'dtype=jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32, '
         'param_dtype=jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32)', PRECISION),
     # Data.
-    Bug("data-run-loader-epoch-off-by-one", "the run loader serves epoch e+1's order in epoch e",
-        "arm_jax/data/pipeline.py", "epoch, step = self._first + batch // self._steps, batch % self._steps",
+    Bug("data-loader-epoch-off-by-one", "a loader over epochs serves epoch e+1's order in epoch e",
+        "arm_jax/data/sampling.py", "epoch, step = self._first + batch // self._steps, batch % self._steps",
         "epoch, step = self._first + 1 + batch // self._steps, batch % self._steps", DATA),
     Bug("data-neighbours-label", "each record served with the next record's label", "arm_jax/data/pipeline.py",
         "        return self._split[key]\n",
         '        return {**self._split[key], "label": self._split.labels[(key + 1) % len(self._split)]}\n', DATA),
-    Bug("feed-validation-padding-kept", "validation keeps the padding rows of its short last batch",
-        "arm_jax/training/feed.py", "yield {key: value[:rows] for key, value in batch.items()}", "yield batch", DATA),
+    Bug("data-eval-blanks-kept", "evaluation keeps the blank rows that fill a pass's short last batch",
+        "arm_jax/data/pipeline.py",
+        'return batch if rows == len(batch["label"]) else {key: value[:rows] for key, value in batch.items()}',
+        "return batch", DATA),
 )
 
 

@@ -10,14 +10,14 @@ import time
 
 import pytest
 
-from arm_jax.data.pipeline import make_eval_run_loader
+from arm_jax.data.pipeline import make_loader
 from arm_jax.training.feed import Prefetch, ValidationBatches
 from tests.test_pipeline import TinySplit, _loader, _same
 
 
 def _validation(split, passes: int, batch_size: int = 8, worker_count: int = 0) -> ValidationBatches:
-    return ValidationBatches(lambda: make_eval_run_loader(split, passes=passes, batch_size=batch_size, seed=4,
-                                                          image_size=16, shuffle_eval=True, worker_count=worker_count),
+    return ValidationBatches(lambda: make_loader(split, epochs=(0, passes), train=False, batch_size=batch_size, seed=4,
+                                                 image_size=16, shuffle_eval=True, worker_count=worker_count),
                              records=len(split), batch_size=batch_size)
 
 

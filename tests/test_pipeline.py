@@ -93,31 +93,31 @@ def test_mrr_rejects_a_missing_class_and_too_small_epochs():
         _loader(TinySplit(n=6), batch_size=8)
 
 
-@pytest.mark.parametrize("train", [True, False])
-def test_shards_are_disjoint_and_equal_in_steps(train):
+def test_shards_are_disjoint_and_equal_in_steps():
     split = TinySplit(n=61)
-    shards = [list(_loader(split, train=train, shard_index=s, shard_count=3, batch_size=4,
-                           shuffle_eval=True)) for s in range(3)]
+    shards = [list(_loader(split, shard_index=s, shard_count=3, batch_size=4)) for s in range(3)]
     ids = [np.concatenate([_ids(b) for b in shard]).astype(int) for shard in shards]
     union = np.concatenate(ids)
-    assert len(set(union.tolist())) == union.size
-    if train:
-        assert {len(s) for s in shards} == {pipeline.steps_in_epoch(
-            split, 4, sampler="shuffle", train=True, shard_count=3)}
-    else:
-        assert sorted(union.tolist()) == list(range(61))
-        assert len(shards[0]) == pipeline.steps_in_epoch(
-            split, 4, sampler="shuffle", train=False, shard_count=3)
+    assert len(set(union.tolist())) == union.size == 5 * 12
+    assert {len(s) for s in shards} == {pipeline.steps_in_epoch(split, 4, sampler="shuffle", train=True,
+                                                                shard_count=3)} == {5}
+    with pytest.raises(ValueError, match="evaluation reads the whole split in every process"):
+        _loader(split, train=False, shard_index=1, shard_count=3)
 
 
-def test_eval_shuffle_follows_seed_and_epoch():
+def test_eval_shuffle_follows_the_seed_and_every_pass_is_the_same():
+    """Evaluation passes read the same batches (a pass's last one short, no blank row left), shuffled by
+    the seed alone: with the batch GAR a prediction depends on its batch-mates."""
     split = TinySplit()
     plain = np.concatenate([_ids(b) for b in _loader(split, train=False, shuffle_eval=True)])
-    again = np.concatenate([_ids(b) for b in _loader(split, train=False, shuffle_eval=True)])
-    later = np.concatenate([_ids(b) for b in _loader(split, train=False, shuffle_eval=True,
-                                                     epoch=1)])
+    again = np.concatenate([_ids(b) for b in _loader(split, train=False, shuffle_eval=True, epoch=1)])
+    other = np.concatenate([_ids(b) for b in _loader(split, train=False, shuffle_eval=True, seed=1)])
     np.testing.assert_array_equal(plain, again)
-    assert sorted(plain.tolist()) == list(range(60)) and not np.array_equal(plain, later)
+    assert sorted(plain.tolist()) == list(range(60)) and not np.array_equal(plain, other)
+    one_pass = list(_loader(split, train=False, shuffle_eval=True, batch_size=7))
+    assert [len(b["label"]) for b in one_pass] == [7] * 8 + [4]
+    _same(list(_loader(split, train=False, shuffle_eval=True, batch_size=7, epoch=None, epochs=(0, 3))),
+          one_pass * 3)
 
 
 def test_restore_mid_epoch_continues_with_the_same_batches():
@@ -206,15 +206,14 @@ def test_every_row_keeps_its_records_label():
     label is the label of the record its image came from."""
     labels = np.random.default_rng(1).integers(0, 3, 60)
     split = TinySplit(labels=labels)
-    run_loader = pipeline.make_run_loader(split, batch_size=8, seed=0, first_epoch=0, last_epoch=2, image_size=16,
-                                          shard_index=0, shard_count=1)
+    run_loader = _loader(split, epoch=None, epochs=(0, 2))
     for loader in (_loader(split), _loader(split, sampler="mrr", epoch=1),
                    _loader(split, train=False, shuffle_eval=True), run_loader):
         for batch in loader:
             np.testing.assert_array_equal(batch["label"], labels[_ids(batch).astype(int)])
 
 
-def test_run_loader_serves_each_epoch_as_its_per_epoch_loader_and_resumes():
+def test_a_loader_over_epochs_serves_each_as_a_one_epoch_loader_and_resumes():
     """The loader training reads (one over all epochs, here without worker processes) gives epoch
     e's batches exactly as make_loader(epoch=e): order, MRR draw, augmentation; a state taken
     mid-run resumes there, and a loader starting at epoch 1 starts with epoch 1's batches.
@@ -223,10 +222,10 @@ def test_run_loader_serves_each_epoch_as_its_per_epoch_loader_and_resumes():
     split = TinySplit(n=90, labels=np.r_[np.zeros(31), np.ones(30), np.full(29, 2)])
     per_epoch = [list(_loader(split, sampler="mrr", batch_size=4, epoch=e)) for e in range(3)]
     assert all(len(batches) == 21 for batches in per_epoch)
-    options = dict(batch_size=4, seed=0, sampler="mrr", image_size=16, shard_index=0, shard_count=1, last_epoch=3)
-    iterator = iter(pipeline.make_run_loader(split, first_epoch=0, **options))
+    options = dict(batch_size=4, sampler="mrr", epoch=None)
+    iterator = iter(_loader(split, epochs=(0, 3), **options))
     _same([next(iterator) for _ in range(21 + 5)], per_epoch[0] + per_epoch[1][:5])
-    resumed = iter(pipeline.make_run_loader(split, first_epoch=0, **options))
+    resumed = iter(_loader(split, epochs=(0, 3), **options))
     resumed.set_state(iterator.get_state())
     _same(list(resumed), per_epoch[1][5:] + per_epoch[2])
-    _same(list(pipeline.make_run_loader(split, first_epoch=1, **options)), per_epoch[1] + per_epoch[2])
+    _same(list(_loader(split, epochs=(1, 3), **options)), per_epoch[1] + per_epoch[2])

@@ -30,7 +30,7 @@ def test_cli_rejects_a_bad_worker_count_before_training(tmp_path):
 
 
 @pytest.mark.slow  # fast tier: grain worker processes over several epochs (36 s under load)
-def test_run_loader_starts_workers_once_and_equals_per_epoch_loaders():
+def test_a_loader_over_epochs_starts_workers_once_and_equals_one_epoch_loaders():
     """Three MRR epochs from one loader with 2 workers: same batches as three per-epoch loaders, same pids."""
     import multiprocessing
 
@@ -43,12 +43,12 @@ def test_run_loader_starts_workers_once_and_equals_per_epoch_loaders():
     per_epoch = [list(_loader(split, sampler="mrr", batch_size=4, epoch=e)) for e in range(3)]
     steps = pipeline.steps_in_epoch(split, 4, sampler="mrr", train=True)
     assert steps == 21 and all(len(batches) == steps for batches in per_epoch)
-    options = dict(batch_size=4, seed=0, sampler="mrr", image_size=16, shard_index=0, shard_count=1,
-                   worker_count=2, last_epoch=3)
+    options = dict(batch_size=4, seed=0, train=True, sampler="mrr", image_size=16, shard_index=0, shard_count=1,
+                   worker_count=2, epochs=(0, 3))
     # Children of earlier loaders (an earlier test's, in this process) may still be exiting:
     # only processes started by this loader count as its workers.
     earlier = {child.pid for child in multiprocessing.active_children()}
-    iterator = iter(pipeline.make_run_loader(split, first_epoch=0, **options))
+    iterator = iter(pipeline.make_loader(split, **options))
     pids = []
     for epoch in range(3):
         _same([next(iterator) for _ in range(steps)], per_epoch[epoch])
@@ -56,7 +56,7 @@ def test_run_loader_starts_workers_once_and_equals_per_epoch_loaders():
         if epoch == 1:  # mid-run state after epoch 1 batch 0: a fresh loader resumes exactly
             head = next(iterator)
             state = iterator.get_state()
-            resumed = iter(pipeline.make_run_loader(split, first_epoch=0, **options))
+            resumed = iter(pipeline.make_loader(split, **options))
             resumed.set_state(state)
             _same([head] + [next(resumed) for _ in range(steps - 1)], per_epoch[2])
             break
@@ -72,15 +72,15 @@ def test_validation_workers_start_once_and_serve_every_pass_as_a_per_epoch_loade
     (without workers), and the same worker processes serve all three."""
     import multiprocessing
 
-    from arm_jax.data.pipeline import make_eval_run_loader
+    from arm_jax.data.pipeline import make_loader
     from arm_jax.training.feed import ValidationBatches
     from tests.test_pipeline import TinySplit, _loader, _same
 
     # 45 / 10: 5 batches per pass, the last of 5 records; an odd count, so pass 2 starts on the other worker.
     split = TinySplit(n=45)
     expected = list(_loader(split, train=False, batch_size=10, shuffle_eval=True, seed=4))
-    validation = ValidationBatches(lambda: make_eval_run_loader(split, passes=3, batch_size=10, seed=4, image_size=16,
-                                                                shuffle_eval=True, worker_count=2),
+    validation = ValidationBatches(lambda: make_loader(split, epochs=(0, 3), train=False, batch_size=10, seed=4,
+                                                       image_size=16, shuffle_eval=True, worker_count=2),
                                    records=45, batch_size=10)
     pids = []
     for _ in range(3):
@@ -92,7 +92,7 @@ def test_validation_workers_start_once_and_serve_every_pass_as_a_per_epoch_loade
 
 
 @pytest.mark.slow  # fast tier: grain worker processes (test_distributed.py maps an in-process loader's state)
-def test_a_run_loader_state_from_process_0_resumes_process_1_on_its_own_share(monkeypatch):
+def test_a_loader_state_from_process_0_resumes_process_1_on_its_own_share(monkeypatch):
     """Checkpoints hold process 0's grain state; training/distributed maps it onto another shard.
     With run loaders (2 shards, 2 workers, 9 batches: into the second epoch) the mapped state
     is process 1's own and resumes its next batches."""
@@ -105,9 +105,9 @@ def test_a_run_loader_state_from_process_0_resumes_process_1_on_its_own_share(mo
     from tests.test_pipeline import TinySplit, _same
 
     split = TinySplit(n=60)  # 60 // (2 shards x 4) = 7 steps per epoch
-    options = dict(batch_size=4, seed=1, sampler="shuffle", image_size=16, shard_count=2, worker_count=2,
-                   first_epoch=0, last_epoch=2)
-    iterators = [iter(pipeline.make_run_loader(split, shard_index=shard, **options)) for shard in (0, 1)]
+    options = dict(batch_size=4, seed=1, train=True, sampler="shuffle", image_size=16, shard_count=2, worker_count=2,
+                   epochs=(0, 2))
+    iterators = [iter(pipeline.make_loader(split, shard_index=shard, **options)) for shard in (0, 1)]
     states = []
     for iterator in iterators:
         for _ in range(9):
@@ -117,17 +117,17 @@ def test_a_run_loader_state_from_process_0_resumes_process_1_on_its_own_share(mo
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     mapped = distributed.data_state_of_this_process(states[0].decode())
     assert json.loads(mapped) == json.loads(states[1])
-    resumed = iter(pipeline.make_run_loader(split, shard_index=1, **options))
+    resumed = iter(pipeline.make_loader(split, shard_index=1, **options))
     resumed.set_state(mapped.encode())
     _same([next(resumed) for _ in range(5)], [next(iterators[1]) for _ in range(5)])
 
 
 _OPEN_A_LOADER_AND_WAIT = """
 import sys, time
-from arm_jax.data.pipeline import make_run_loader
+from arm_jax.data.pipeline import make_loader
 from arm_jax.data.synthetic import SyntheticSplit
-batches = iter(make_run_loader(SyntheticSplit("train", size=64), batch_size=8, seed=0, first_epoch=0,
-                               last_epoch=3, image_size=64, worker_count=2))
+batches = iter(make_loader(SyntheticSplit("train", size=64), batch_size=8, seed=0, train=True, epochs=(0, 3),
+                           image_size=64, worker_count=2))
 next(batches)
 print("serving", flush=True)
 time.sleep(600)

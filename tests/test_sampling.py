@@ -70,37 +70,22 @@ def test_shuffle_is_a_permutation_that_changes_per_epoch():
     np.testing.assert_array_equal(a, sampling.shuffle_epoch_indices(100, epoch=0, seed=0))
 
 
-@pytest.mark.parametrize("drop_remainder", [True, False])
-@pytest.mark.parametrize("shard_count", [1, 3])
-def test_layout_gives_each_worker_whole_batches_in_round_robin(drop_remainder, shard_count):
-    """Simulate grain: shard p % S, worker q % W, per-worker batching, round-robin merge."""
-    n, b = 103, 8
-    reference = sampling.epoch_layout(n, batch_size=b, shard_count=shard_count, worker_count=0,
-                                      drop_remainder=drop_remainder)
-    for workers in (2, 3):
-        layout = sampling.epoch_layout(n, batch_size=b, shard_count=shard_count,
-                                       worker_count=workers, drop_remainder=drop_remainder)
-        for s in range(shard_count):
-            want = _grain_batches(reference, s, shard_count, 1, b, drop_remainder)
-            got = _grain_batches(layout, s, shard_count, workers, b, drop_remainder)
-            assert [g.tolist() for g in got] == [w.tolist() for w in want]
-    shards = [set(_flat(_grain_batches(reference, s, shard_count, 1, b, drop_remainder)))
-              for s in range(shard_count)]
-    assert sum(len(x) for x in shards) == len(set().union(*shards))  # disjoint
-    if not drop_remainder:
-        assert set().union(*shards) == set(range(n))  # evaluation sees every record
-    else:
-        assert len({len(x) for x in shards}) == 1  # equal steps on every process
+class _Split:
+    """What a sampler reads of a split."""
+
+    def __init__(self, labels, name="tiny"):
+        self.labels, self.class_names, self.name = np.asarray(labels), tuple("abcd"), name
 
 
-def _grain_batches(layout, shard, shard_count, workers, b, drop_remainder):
-    shard_slots = layout[shard::shard_count]
+def _grain_batches(sampler, shard, shard_count, workers, b):
+    """Simulate grain: slot p to shard p % S, a shard's slot q to worker q % W, PAD dropped, each
+    worker batching whole batches, round-robin merge; (record keys, epochs) per batch."""
+    slots = [sampler[i] for i in range(len(sampler))][shard::shard_count]
     per_worker = []
     for w in range(workers):
-        stream = shard_slots[w::workers]
-        stream = stream[stream != sampling.PAD]
-        batches = [stream[i:i + b] for i in range(0, len(stream), b)]
-        per_worker.append([x for x in batches if len(x) == b or not drop_remainder])
+        stream = [m for m in slots[w::workers] if m.record_key != sampling.PAD]
+        assert len(stream) % b == 0  # whole batches: no worker merges the end of a pass with the next
+        per_worker.append([[m.record_key for m in stream[i:i + b]] for i in range(0, len(stream), b)])
     merged, k = [], 0
     while any(k < len(p) for p in per_worker):
         merged += [p[k] for p in per_worker if k < len(p)]
@@ -108,37 +93,75 @@ def _grain_batches(layout, shard, shard_count, workers, b, drop_remainder):
     return merged
 
 
-def _flat(batches):
-    return [int(i) for x in batches for i in x]
+@pytest.mark.parametrize("kind,shard_count", [("shuffle", 1), ("mrr", 3), ("eval", 1), ("eval-shuffled", 1)])
+def test_batches_are_the_same_for_every_worker_count_and_epochs_follow_each_other(kind, shard_count):
+    b, labels = 4, LABELS  # 182 records; MRR: 28 per epoch
+    counts = np.bincount(labels, minlength=4)
+    options = dict(kind=kind, seed=3, first_epoch=1, last_epoch=4, batch_size=b, shard_count=shard_count)
+    reference = [_grain_batches(sampling.Sampler(_Split(labels), worker_count=0, **options), s, shard_count, 1, b)
+                 for s in range(shard_count)]
+    for workers in (2, 3):
+        sampler = sampling.Sampler(_Split(labels), worker_count=workers, **options)
+        assert [_grain_batches(sampler, s, shard_count, workers, b) for s in range(shard_count)] == reference
+    steps = sampling.steps_per_epoch(sampling.EpochLabels(_Split(labels)), kind, batch_size=b,
+                                     shard_count=shard_count)
+    assert {len(batches) for batches in reference} == {3 * steps}  # equal steps on every process
+    epochs = [[key for shard in reference for batch in shard[e * steps:(e + 1) * steps] for key in batch]
+              for e in range(3)]
+    if kind.startswith("eval"):  # every record once a pass, the last batch filled with BLANK; passes alike
+        assert steps == 46 and epochs[0] == epochs[1] == epochs[2]
+        assert sorted(k for k in epochs[0] if k != sampling.BLANK) == list(range(182))
+        assert epochs[0][-1] == sampling.BLANK and epochs[0].count(sampling.BLANK) == 46 * b - 182
+        assert (epochs[0][:182] == list(range(182))) == (kind == "eval")
+    else:  # whole global batches of distinct records, each epoch its own order (MRR: its own draw)
+        size = 4 * counts.min() if kind == "mrr" else 182
+        assert steps == size // (shard_count * b) and all(len(set(e)) == len(e) == steps * shard_count * b
+                                                          for e in epochs)
+        assert epochs[0] != epochs[1]
+        if kind == "mrr":
+            assert all(np.bincount(labels[e], minlength=4).max() <= counts.min() for e in epochs)
 
 
-def test_sampler_shards_are_disjoint_and_cover_the_epoch():
+def test_an_evaluation_sampler_refuses_shards_and_an_unknown_kind():
+    with pytest.raises(ValueError, match="shard_count must be 1"):
+        sampling.Sampler(_Split(LABELS), kind="eval", seed=0, first_epoch=0, last_epoch=1, batch_size=4,
+                         shard_count=2)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        sampling.Sampler(_Split(LABELS), kind="balanced", seed=0, first_epoch=0, last_epoch=1, batch_size=4)
+
+
+def test_training_shards_are_disjoint_slices_of_each_global_batch():
+    sampler = sampling.Sampler(_Split(LABELS[:50]), kind="shuffle", seed=3, first_epoch=0, last_epoch=1,
+                               batch_size=4, shard_count=3, worker_count=2)
+    shards = [_grain_batches(sampler, s, 3, 2, 4) for s in range(3)]
     order = sampling.shuffle_epoch_indices(50, epoch=0, seed=3)
-    sampler = sampling.EpochSampler(order, kind="shuffle", seed=3, epoch=0, batch_size=4,
-                                    shard_count=3, worker_count=2, drop_remainder=False)
-    parts = [sampler.shard_record_keys(s) for s in range(3)]
-    assert sorted(np.concatenate(parts).tolist()) == list(range(50))
-    metadata = [sampler[i] for i in range(len(sampler))]
-    assert {m.record_key for m in metadata} == set(range(50)) | {sampling.PAD}
+    for step in range(4):  # 50 // 12 global batches; shard s reads the s-th 4 records of each
+        np.testing.assert_array_equal(np.concatenate([shard[step] for shard in shards]),
+                                      order[step * 12:(step + 1) * 12])
 
 
 def test_sampler_pickles_and_its_repr_is_stable():
-    order = sampling.mrr_epoch_indices(LABELS, epoch=1, seed=2)
-    sampler = sampling.EpochSampler(order, kind="mrr", seed=2, epoch=1, batch_size=4)
+    sampler = sampling.Sampler(_Split(LABELS), kind="mrr", seed=2, first_epoch=1, last_epoch=3, batch_size=4)
     copy = pickle.loads(pickle.dumps(sampler))
-    assert repr(copy) == repr(sampler) and "0x" not in repr(sampler)
+    assert repr(copy) == repr(sampler) == (
+        "Sampler(split='tiny', kind='mrr', records=182, seed=2, epochs=[1, 3), batch_size=4, shard_count=1, "
+        "worker_count=1)")
     first, again = sampler[5], copy[5]
-    assert first.record_key == again.record_key == order[5]
+    assert first.record_key == again.record_key == sampling.mrr_epoch_indices(LABELS, epoch=1, seed=2)[5]
     assert first.rng.integers(1 << 30) == again.rng.integers(1 << 30)
     with pytest.raises(IndexError):
         sampler[len(sampler)]
 
 
 def test_record_rngs_depend_on_the_epoch_position_not_the_layout():
-    order = np.arange(20)
-    a = sampling.EpochSampler(order, kind="shuffle", seed=0, epoch=0, batch_size=4)
-    b = sampling.EpochSampler(order, kind="shuffle", seed=0, epoch=0, batch_size=4,
-                              worker_count=3)
-    draws = [{m.record_key: m.rng.random() for m in (s[i] for i in range(len(s)))
-              if m.record_key != sampling.PAD} for s in (a, b)]
-    assert draws[0] == draws[1] and len(set(draws[0].values())) == 20
+    """Each (record, epoch) draws its own augmentation stream, whatever the worker count."""
+    options = dict(kind="shuffle", seed=0, first_epoch=0, last_epoch=2, batch_size=4)
+    draws = []
+    for workers in (0, 3):
+        sampler = sampling.Sampler(_Split(np.zeros(20, int)), worker_count=workers, **options)
+        per_record: dict[int, list[float]] = {}
+        for metadata in (sampler[i] for i in range(len(sampler))):
+            if metadata.record_key != sampling.PAD:
+                per_record.setdefault(metadata.record_key, []).append(metadata.rng.random())
+        draws.append({key: sorted(values) for key, values in per_record.items()})
+    assert draws[0] == draws[1] and len({v for values in draws[0].values() for v in values}) == 40

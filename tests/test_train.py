@@ -4,6 +4,7 @@ evaluate/predict tests). The fast tier's versions, on a small model: tests/test_
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -258,25 +259,26 @@ def test_a_mid_epoch_checkpoint_resumes_into_raised_epochs(tmp_path, reference_r
 
 
 @pytest.mark.slow
-def test_a_checkpoint_of_the_per_epoch_loaders_resumes_exactly(tmp_path, reference_run, monkeypatch):
-    """A mid-epoch checkpoint as the per-epoch loop wrote it (one make_loader per epoch, no loader
-    range saved) finishes its epoch with that loader, then continues on a run loader, exactly."""
-    from arm_jax.training import feed
-
-    run_loaders = feed.TrainBatches._open
-
-    def one_epoch_loaders(self, first_epoch, last_epoch):  # what the loop did before run loaders
-        run_loaders(self, first_epoch, None)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(feed.TrainBatches, "_open", one_epoch_loaders)
-        stopped = train(TrainConfig(**TINY, workdir=str(tmp_path)),
-                        after_step=lambda step, stop: step == 3 and stop.request(signal.SIGTERM))
+@pytest.mark.parametrize("earlier", ["per-epoch loader", "run loader"])
+def test_a_mid_epoch_checkpoint_of_an_earlier_loader_is_refused_by_name(tmp_path, earlier):
+    """A mid-epoch checkpoint's data position as arm-jax 0.1 wrote it before one sampler served every
+    loader (no loader range, or a range without the loader format) cannot be restored: a message
+    naming the workdir, and the checkpoint stays as it was."""
+    stopped = train(TrainConfig(**TINY, workdir=str(tmp_path)),
+                    after_step=lambda step, stop: step == 3 and stop.request(signal.SIGTERM))
     assert stopped["step"] == 3
-    progress = json.loads((tmp_path / "checkpoints" / "latest" / "3" / "progress" / "metadata").read_text())
-    assert progress["data_loader"] is None and progress["data_state"]
-    assert train(TrainConfig(**TINY, workdir=str(tmp_path)))["step"] == 12
-    _assert_same_run(reference_run, _final(tmp_path))
+    metadata = tmp_path / "checkpoints" / "latest" / "3" / "progress" / "metadata"
+    progress = json.loads(metadata.read_text())
+    assert progress["data_loader"]["format"] == 2 and progress["data_state"]
+    progress["data_loader"] = None if earlier == "per-epoch loader" else {"first_epoch": 0, "last_epoch": 2}
+    metadata.write_text(json.dumps(progress))
+    written = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*"))
+    with pytest.raises(UserError, match=re.escape(f"{tmp_path}: its checkpoint stopped mid-epoch 1 with the data "
+                                                  "loader of an earlier arm-jax 0.1")):
+        train(TrainConfig(**TINY, workdir=str(tmp_path)))
+    assert json.loads(metadata.read_text()) == progress
+    assert sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")
+                  if "tensorboard" not in str(path)) == [w for w in written if "tensorboard" not in w]
 
 
 # -- end to end ---------------------------------------------------------------------------

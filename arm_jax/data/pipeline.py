@@ -1,11 +1,14 @@
-"""grain input pipeline for one epoch: sampler -> read split[i] -> augment -> batch.
+"""The grain input pipeline: sampler -> read split[i] -> augment -> batch, over one or many epochs.
 
-Batches are dicts of numpy arrays, ready for a jitted step that calls
-`transforms.device_preprocess`:
+One builder (`make_loader`) and one sampler (`sampling.Sampler`) serve training (an epoch,
+or a run's epochs from one loader whose workers start once), evaluation and validation
+(passes over the split). Batches are dicts of numpy arrays, ready for a jitted step that
+calls `arm_jax.forward.apply_to_images`:
   'image': uint8 (B, H, W, C), native or staging size, C in {1, 3}, not normalised;
   'label': int32 (B,);
   'erase': int32 (B, 4) RandomErasing box (top, left, height, width) in image_size
            coordinates; all zeros = no erasing (always zeros in evaluation).
+Training batches are whole; an evaluation pass's last batch may be short.
 """
 
 import gc
@@ -26,79 +29,87 @@ from arm_jax.data.base import resize_uint8
 from arm_jax.errors import UserError
 
 SAMPLERS = ("shuffle", "mrr")
+# The sampler a saved iterator state belongs to (a checkpoint's Progress.data_loader says it):
+# grain restores a state only into the same sampler. 1 (unnamed): the per-epoch EpochSampler
+# and the RunSampler before one Sampler served every loader.
+LOADER_FORMAT = 2
 RESIZE_ON = ("device", "host")
 _PROBE_RECORDS = 4  # records decoded to guess whether a split has one image size
 
 
-def make_loader(split, *, batch_size: int, seed: int, epoch: int, train: bool,
-                sampler: str = "shuffle", image_size: int, worker_count: int = 0,
+def make_loader(split, *, batch_size: int, seed: int, train: bool, image_size: int,
+                epoch: int | None = None, epochs: tuple[int, int] | None = None,
+                sampler: str = "shuffle", worker_count: int = 0,
                 shard_index: int | None = None, shard_count: int | None = None,
                 resize_on: str = "device", staging_size: int | None = None,
                 shuffle_eval: bool = False, worker_buffer_size: int = 2,
                 read_threads: int = 0) -> grain.DataLoader:
-    """A grain.DataLoader over ONE epoch of `split` (batches described in the module doc).
+    """A grain.DataLoader over `epoch`, or epochs [first, last) = `epochs`, of `split` (batches
+    described in the module doc), in order, from one set of worker processes.
 
     Args:
       split: a LabelledSplit (random access, picklable; `labels`, `class_names`).
       batch_size: records per batch on this shard (process).
-      seed, epoch: the order, the MRR draw and every augmentation are pure functions of
+      seed, epoch(s): the order, the MRR draw and every augmentation are pure functions of
         these; the batches do not depend on worker_count.
-      train: augment (flip/noise, erasing box) and drop the last partial batch; otherwise
-        keep it, no augmentation, index order (or shuffled with `shuffle_eval`).
+      train: augment (flip/noise, erasing box) and drop each epoch's last partial batch;
+        otherwise evaluation passes: no augmentation, index order (or shuffled with
+        `shuffle_eval`), every record, the same batches each pass, one shard.
       sampler: 'shuffle' (every record once) or 'mrr' (minimal random resampling, paper
         4.4); training only: evaluation always reads the whole split.
       image_size: the model's input side; erasing boxes are drawn in these coordinates.
       worker_count: grain worker processes (0: read and augment in this process).
-      shard_index, shard_count: this process's part of the epoch (default
+      shard_index, shard_count: this process's part of each training epoch (default
         jax.process_index() / jax.process_count()); shards are disjoint.
-      resize_on: 'device' ships native-size images (resized in device_preprocess);
+      resize_on: 'device' ships native-size images (resized by the forward pass);
         'host' resizes to image_size here.
       staging_size: host-side size for splits whose images differ in size; default: the
         split's own size when its probed records share one (and it is at most
         image_size), else image_size.
-      shuffle_eval: shuffle evaluation batches with (seed, epoch) (the released 'batch'
-        GAR mode computes its mean over whatever shares a test batch).
+      shuffle_eval: shuffle evaluation batches with `seed` (the released 'batch' GAR mode
+        computes its mean over whatever shares a test batch).
       worker_buffer_size: batches each worker prepares ahead.
       read_threads: grain read threads per process (0: read inline).
     """
+    if (epoch is None) == (epochs is None):
+        raise ValueError("give one of epoch (one epoch) and epochs (a [first, last) range)")
+    first_epoch, last_epoch = (int(epoch), int(epoch) + 1) if epochs is None else map(int, epochs)
     _check_options(batch_size=batch_size, sampler=sampler, image_size=image_size,
                    resize_on=resize_on, worker_count=worker_count)
     if len(split) == 0:
         raise UserError(f"{_name(split)}: the split has no records")
+    if not train:  # every process reads the whole evaluation split (the sampler refuses shards)
+        shard_index, shard_count = (0 if shard_index is None else shard_index), (shard_count or 1)
     shard_index = jax.process_index() if shard_index is None else int(shard_index)
     shard_count = jax.process_count() if shard_count is None else int(shard_count)
     if not 0 <= shard_index < shard_count:
         raise UserError(f"shard_index {shard_index} must be in [0, shard_count={shard_count})")
-    if train and steps_in_epoch(split, batch_size, sampler=sampler, train=True,
-                                shard_count=shard_count) == 0:
+    if train and steps_in_epoch(split, batch_size, sampler=sampler, train=True, shard_count=shard_count) == 0:
         raise UserError(
             f"{_name(split)}: one {sampler} epoch has {_epoch_records(split, sampler, True)} "
             f"records, fewer than batch_size {batch_size} x {shard_count} shard(s); "
             "lower the batch size")
-    order = epoch_order(split, sampler=sampler, train=train, seed=seed, epoch=epoch,
-                        shuffle_eval=shuffle_eval)
-    epoch_sampler = sampling.EpochSampler(
-        order, kind=sampler if train else ("eval-shuffled" if shuffle_eval else "eval"),
-        seed=seed, epoch=epoch, batch_size=batch_size, shard_count=shard_count,
-        worker_count=worker_count, drop_remainder=train)
-    staging = _staging_shape(split, image_size, staging_size, resize_on)
-    stage = StageImage(staging)
-    operations = [DropPadding(),
-                  TrainAugment(stage, image_size) if train else EvalRecord(stage),
-                  grain.transforms.Batch(batch_size=batch_size, drop_remainder=train)]
+    kind = sampler if train else ("eval-shuffled" if shuffle_eval else "eval")
+    run_sampler = sampling.Sampler(split, kind=kind, seed=seed, first_epoch=first_epoch, last_epoch=last_epoch,
+                                   batch_size=batch_size, shard_count=shard_count, worker_count=worker_count)
+    stage = StageImage(_staging_shape(split, image_size, staging_size, resize_on))
+    # Every worker batches whole batches (the sampler fills an evaluation pass's last one with
+    # blank records), so batches do not depend on the worker count; the blanks are cut after.
+    operations = [DropPadding(), TrainAugment(stage, image_size) if train else EvalRecord(stage),
+                  grain.transforms.Batch(batch_size=batch_size, drop_remainder=True)]
+    if not train:
+        operations.append(CutBlanks())
     if worker_count > 0:
         # Worker processes read absl flags (grain issue 1355); nothing parses them here.
         absl.flags.FLAGS.mark_as_parsed()
     # grain's default 16 read threads with a 500-record buffer cost more than they save
     # here (its prefetch bookkeeping scans the whole buffer per record: 3x slower on FER);
     # parallelism comes from worker processes instead.
-    read_options = grain.ReadOptions(num_threads=read_threads,
-                                     prefetch_buffer_size=4 * read_threads)
+    read_options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * read_threads)
     return grain.DataLoader(
-        data_source=_PaddedSource(split), sampler=epoch_sampler, operations=operations,
-        worker_count=worker_count, worker_buffer_size=worker_buffer_size,
-        read_options=read_options,
-        shard_options=grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=train))
+        data_source=_PaddedSource(split), sampler=run_sampler, operations=operations,
+        worker_count=worker_count, worker_buffer_size=worker_buffer_size, read_options=read_options,
+        shard_options=grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=True))
 
 
 def read_through(loader):
@@ -156,32 +167,11 @@ def release_worker_batches() -> None:
         pool.apply_async(int).wait(_UNLINK_WAIT_SECONDS)  # bounded: a pool stopped at exit never answers
 
 
-def steps_in_epoch(split, batch_size: int, *, sampler: str, train: bool,
-                   shard_count: int = 1) -> int:
-    """Batches one shard yields in one epoch.
-
-    Training shards are equal (whole batches only). Evaluation splits the records as
-    evenly as possible, so with several shards this is shard 0's count, the largest; the
-    others may have one batch fewer.
-    """
-    records = _epoch_records(split, sampler, train)
-    if train:
-        return records // shard_count // batch_size
-    largest_shard = -(-records // shard_count)  # ceil division
-    return -(-largest_shard // batch_size)
-
-
-def epoch_order(split, *, sampler: str, train: bool, seed: int, epoch: int,
-                shuffle_eval: bool = False) -> np.ndarray:
-    """The record indices of one epoch in order, before sharding and batching."""
-    if not train:
-        if shuffle_eval:
-            return sampling.shuffle_epoch_indices(len(split), epoch=epoch, seed=seed)
-        return np.arange(len(split))
-    if sampler == "mrr":
-        return sampling.mrr_epoch_indices(split.labels, epoch=epoch, seed=seed,
-                                          class_names=split.class_names)
-    return sampling.shuffle_epoch_indices(len(split), epoch=epoch, seed=seed)
+def steps_in_epoch(split, batch_size: int, *, sampler: str, train: bool, shard_count: int = 1) -> int:
+    """Batches one shard yields in one epoch (training: whole batches; evaluation: one shard, all records)."""
+    kind = sampler if train else "eval"
+    return sampling.steps_per_epoch(sampling.EpochLabels(split), kind, batch_size=batch_size,
+                                    shard_count=shard_count if train else 1)
 
 
 class StageImage:
@@ -202,10 +192,10 @@ class StageImage:
 
 
 class DropPadding(grain.transforms.Filter):
-    """Drop the sampler's padding slots (see sampling.epoch_layout) before any work."""
+    """Drop the sampler's PAD slots (past the end of a worker's stream) before any work."""
 
     def filter(self, element: dict[str, Any]) -> bool:
-        return "image" in element
+        return "padding" not in element
 
 
 class TrainAugment(grain.transforms.RandomMap):
@@ -221,47 +211,49 @@ class TrainAugment(grain.transforms.RandomMap):
                 "erase": transforms.sample_erase_box(rng, self.image_size)}
 
 
+BLANK_LABEL = -1  # the label of the blank records that fill an evaluation pass's last batch
+
+
 class EvalRecord(grain.transforms.Map):
-    """Evaluation record: staged image, label, no erasing."""
+    """Evaluation record: staged image, label, no erasing; a blank one (label BLANK_LABEL) for the
+    sampler's BLANK slots."""
 
     def __init__(self, stage: StageImage):
         self.stage = stage
 
     def map(self, element: dict[str, Any]) -> dict[str, Any]:
+        if "blank" in element:
+            return {"image": np.zeros(self.stage.shape, np.uint8), "label": np.int32(BLANK_LABEL),
+                    "erase": transforms.NO_ERASE.copy()}
         return {"image": self.stage(element["image"]), "label": np.int32(element["label"]),
                 "erase": transforms.NO_ERASE.copy()}
 
 
-PAD_LABEL = -1  # the label of EvalRecordOrPad's blank records
+class CutBlanks(grain.transforms.Map):
+    """An evaluation batch without its blank rows (they sit at the end of a pass's last batch)."""
 
-
-class EvalRecordOrPad(EvalRecord):
-    """EvalRecord, and for the sampler's padding a blank record of label -1 that keeps batches
-    aligned with passes (`make_eval_run_loader`; the reader cuts it off)."""
-
-    def map(self, element: dict[str, Any]) -> dict[str, Any]:
-        if "image" in element:
-            return super().map(element)
-        return {"image": np.zeros(self.stage.shape, np.uint8), "label": np.int32(PAD_LABEL),
-                "erase": transforms.NO_ERASE.copy()}
+    def map(self, batch: dict[str, Any]) -> dict[str, Any]:
+        rows = int(np.count_nonzero(batch["label"] != BLANK_LABEL))
+        return batch if rows == len(batch["label"]) else {key: value[:rows] for key, value in batch.items()}
 
 
 class _PaddedSource:
-    """The split plus one padding record; a repr grain can compare across processes.
+    """The split plus two marker records; a repr grain can compare across processes.
 
-    grain reads `source[key % len(source)]`, so the sampler's PAD (-1) lands on the extra
-    last key, which returns a marker without decoding anything.
+    grain reads `source[key % len(source)]`, so the sampler's PAD (-1) and BLANK (-2) land on
+    the two extra last keys, which return markers without decoding anything.
     """
 
     def __init__(self, split):
         self._split = split
 
     def __len__(self) -> int:
-        return len(self._split) + 1
+        return len(self._split) + 2
 
     def __getitem__(self, key: int) -> dict[str, Any]:
-        if key == len(self._split):
-            return {"padding": np.bool_(True)}
+        markers = {len(self._split) + 2 + sampling.PAD: "padding", len(self._split) + 2 + sampling.BLANK: "blank"}
+        if key in markers:
+            return {markers[key]: np.bool_(True)}
         return self._split[key]
 
     def __repr__(self) -> str:
@@ -324,9 +316,7 @@ def _staging_shape(split, image_size: int, staging_size: int | None,
 
 def _epoch_records(split, sampler: str, train: bool) -> int:
     """Records in one epoch before sharding."""
-    if train and sampler == "mrr":
-        return sampling.mrr_epoch_size(split.labels, split.class_names)
-    return len(split)
+    return sampling.epoch_records(sampling.EpochLabels(split), sampler if train else "eval")
 
 
 def _check_options(*, batch_size, sampler, image_size, resize_on, worker_count):
@@ -344,163 +334,3 @@ def _check_options(*, batch_size, sampler, image_size, resize_on, worker_count):
 
 def _name(split) -> str:
     return str(getattr(split, "name", type(split).__name__))
-
-
-class _Labels:
-    """What `epoch_order` reads of a split (labels, class names, size), cheap to pickle into workers."""
-
-    def __init__(self, split):
-        self.labels = np.asarray(split.labels)
-        self.class_names = tuple(split.class_names)
-        self.name = _name(split)
-
-    def __len__(self) -> int:
-        return int(self.labels.size)
-
-
-def _batch_of_slot(slot: int, *, workers: int, batch_size: int) -> tuple[int, int]:
-    """(global batch, row in it) of a run sampler's slot: worker w's k-th record is row k % b of
-    its batch k // b, the run's batch (k // b) * workers + w, so grain's round-robin over workers
-    yields the batches in order."""
-    worker, k = slot % workers, slot // workers
-    round_, offset = divmod(k, batch_size)
-    return round_ * workers + worker, offset
-
-
-class RunSampler:
-    """grain sampler over training epochs [first_epoch, last_epoch) in one stream, so workers start once.
-
-    Global batch g of the run (epoch first_epoch + g // steps, batch g % steps) goes to worker
-    g % workers, so grain's round-robin over workers yields the run's batches in order for any
-    worker count; each epoch's records, order, MRR draw and per-record generators are those
-    of `make_loader(epoch=e)` (slot arithmetic of `sampling.epoch_layout`, train case).
-    """
-
-    def __init__(self, split, *, sampler: str, seed: int, first_epoch: int, last_epoch: int,
-                 batch_size: int, shard_count: int, worker_count: int):
-        self._labels, self._sampler, self._seed = _Labels(split), sampler, int(seed)
-        self._first, self._last = int(first_epoch), int(last_epoch)
-        self._b, self._shards, self._workers = int(batch_size), int(shard_count), max(int(worker_count), 1)
-        self._steps = _epoch_records(split, sampler, True) // (self._shards * self._b)
-        self._batches = self._steps * (self._last - self._first)
-        self._orders: dict[int, np.ndarray] = {}
-
-    def __len__(self) -> int:
-        rounds = -(-self._batches // self._workers)
-        return rounds * self._b * self._workers * self._shards
-
-    def __repr__(self) -> str:
-        return (f"RunSampler(split={self._labels.name!r}, sampler={self._sampler!r}, seed={self._seed}, "
-                f"epochs=[{self._first}, {self._last}), batch_size={self._b}, "
-                f"shard_count={self._shards}, worker_count={self._workers})")
-
-    def __getitem__(self, index: int) -> grain.RecordMetadata:
-        shard, slot = index % self._shards, index // self._shards
-        batch, offset = _batch_of_slot(slot, workers=self._workers, batch_size=self._b)
-        if batch >= self._batches:
-            return grain.RecordMetadata(index=index, record_key=sampling.PAD, rng=None)
-        epoch, step = self._first + batch // self._steps, batch % self._steps
-        position = step * self._shards * self._b + shard * self._b + offset
-        return grain.RecordMetadata(index=index, record_key=int(self._order(epoch)[position]),
-                                    rng=sampling.record_rng(self._seed, epoch, position))
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._orders:
-            if len(self._orders) > 2:  # workers move through epochs in order: keep a few
-                self._orders.pop(min(self._orders))
-            self._orders[epoch] = epoch_order(self._labels, sampler=self._sampler, train=True,
-                                              seed=self._seed, epoch=epoch)
-        return self._orders[epoch]
-
-
-def make_run_loader(split, *, batch_size: int, seed: int, first_epoch: int, last_epoch: int,
-                    sampler: str = "shuffle", image_size: int, worker_count: int = 0,
-                    shard_index: int | None = None, shard_count: int | None = None,
-                    resize_on: str = "device", staging_size: int | None = None,
-                    worker_buffer_size: int = 2, read_threads: int = 0) -> grain.DataLoader:
-    """Training batches of epochs [first_epoch, last_epoch) from ONE DataLoader (workers start once).
-
-    Yields steps_in_epoch(...) batches per epoch, in order, each equal to what
-    `make_loader(epoch=e, train=True)` yields; options as in `make_loader`.
-    """
-    _check_options(batch_size=batch_size, sampler=sampler, image_size=image_size,
-                   resize_on=resize_on, worker_count=worker_count)
-    shard_index = jax.process_index() if shard_index is None else int(shard_index)
-    shard_count = jax.process_count() if shard_count is None else int(shard_count)
-    if steps_in_epoch(split, batch_size, sampler=sampler, train=True, shard_count=shard_count) == 0:
-        raise UserError(f"{_name(split)}: one {sampler} epoch has fewer records than batch_size "
-                        f"{batch_size} x {shard_count} shard(s); lower the batch size")
-    run_sampler = RunSampler(split, sampler=sampler, seed=seed, first_epoch=first_epoch,
-                             last_epoch=last_epoch, batch_size=batch_size, shard_count=shard_count,
-                             worker_count=worker_count)
-    stage = StageImage(_staging_shape(split, image_size, staging_size, resize_on))
-    operations = [DropPadding(), TrainAugment(stage, image_size),
-                  grain.transforms.Batch(batch_size=batch_size, drop_remainder=True)]
-    return _run_data_loader(split, run_sampler, operations, shard_index=shard_index, shard_count=shard_count,
-                            worker_count=worker_count, worker_buffer_size=worker_buffer_size,
-                            read_threads=read_threads)
-
-
-def _run_data_loader(split, sampler, operations, *, shard_index: int, shard_count: int, worker_count: int,
-                     worker_buffer_size: int, read_threads: int) -> grain.DataLoader:
-    """The DataLoader of a run-long loader (whole batches only: the samplers pad)."""
-    if worker_count > 0:
-        absl.flags.FLAGS.mark_as_parsed()  # as in make_loader
-    return grain.DataLoader(
-        data_source=_PaddedSource(split), sampler=sampler, operations=operations,
-        worker_count=worker_count, worker_buffer_size=worker_buffer_size,
-        read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * read_threads),
-        shard_options=grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=True))
-
-
-class EvalRunSampler:
-    """grain sampler over `passes` evaluation passes of one split in one stream, so workers start once.
-
-    A pass is ceil(N / batch_size) batches of the epoch order, the last one padded (PAD) to
-    full size. Global batch g goes to worker g % workers, as in RunSampler, so grain's
-    round-robin yields the passes' batches in order for any worker count.
-    """
-
-    def __init__(self, order: np.ndarray, *, name: str, passes: int, batch_size: int, worker_count: int):
-        self._order, self._name = np.asarray(order), name
-        self._passes, self._b, self._workers = int(passes), int(batch_size), max(int(worker_count), 1)
-        self._batches_per_pass = -(-len(self._order) // self._b)
-        self._batches = self._batches_per_pass * self._passes
-
-    def __len__(self) -> int:
-        return -(-self._batches // self._workers) * self._workers * self._b
-
-    def __repr__(self) -> str:
-        return (f"EvalRunSampler(split={self._name!r}, records={len(self._order)}, passes={self._passes}, "
-                f"batch_size={self._b}, worker_count={self._workers})")
-
-    def __getitem__(self, index: int) -> grain.RecordMetadata:
-        batch, offset = _batch_of_slot(index, workers=self._workers, batch_size=self._b)
-        position = (batch % self._batches_per_pass) * self._b + offset
-        if batch >= self._batches or position >= len(self._order):
-            return grain.RecordMetadata(index=index, record_key=sampling.PAD, rng=None)
-        return grain.RecordMetadata(index=index, record_key=int(self._order[position]), rng=None)
-
-
-def make_eval_run_loader(split, *, passes: int, batch_size: int, seed: int, image_size: int,
-                         shuffle_eval: bool = False, worker_count: int = 0,
-                         resize_on: str = "device", staging_size: int | None = None,
-                         worker_buffer_size: int = 2, read_threads: int = 0) -> grain.DataLoader:
-    """`passes` evaluation passes over `split` from ONE DataLoader (workers start once).
-
-    Each pass is the batches `make_loader(train=False, epoch=0)` yields, in order, except that
-    its last batch is padded to batch_size with records of label PAD_LABEL at the end; the
-    reader cuts them off (training.feed.ValidationBatches). Every process reads the whole split.
-    """
-    _check_options(batch_size=batch_size, sampler="shuffle", image_size=image_size,
-                   resize_on=resize_on, worker_count=worker_count)
-    if len(split) == 0:
-        raise UserError(f"{_name(split)}: the split has no records")
-    order = epoch_order(split, sampler="shuffle", train=False, seed=seed, epoch=0, shuffle_eval=shuffle_eval)
-    run_sampler = EvalRunSampler(order, name=_name(split), passes=passes, batch_size=batch_size,
-                                 worker_count=worker_count)
-    stage = StageImage(_staging_shape(split, image_size, staging_size, resize_on))
-    operations = [EvalRecordOrPad(stage), grain.transforms.Batch(batch_size=batch_size, drop_remainder=True)]
-    return _run_data_loader(split, run_sampler, operations, shard_index=0, shard_count=1,
-                            worker_count=worker_count, worker_buffer_size=worker_buffer_size,
-                            read_threads=read_threads)

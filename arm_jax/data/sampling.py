@@ -88,11 +88,14 @@ def _checked_counts(labels: np.ndarray, class_names: Sequence[str] | None) -> np
     return counts
 
 
-# Record key of a padding slot in a sampler layout; the pipeline drops these right after
-# reading, before augmentation and batching (see `epoch_layout`).
+# Record keys of the sampler's special slots. PAD: past the end of a worker's stream, dropped
+# right after reading, before any work. BLANK: fills an evaluation pass's last batch, so that
+# every worker batches whole batches; it becomes a blank record cut off after batching.
 PAD = -1
+BLANK = -2
 # Separates the per-record augmentation streams from the epoch's sampling stream.
 _RECORD_STREAM = 1
+KINDS = ("shuffle", "mrr", "eval", "eval-shuffled")  # training samplers, then evaluation orders
 
 
 def record_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
@@ -100,84 +103,118 @@ def record_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(epoch), _RECORD_STREAM, int(position)])
 
 
-def epoch_layout(num_records: int, *, batch_size: int, shard_count: int, worker_count: int,
-                 drop_remainder: bool) -> np.ndarray:
-    """Epoch position of every sampler slot (PAD for padding) so batches ignore worker_count.
+class EpochLabels:
+    """What an epoch's order reads of a split (labels, class names, size, name), cheap to pickle into workers."""
 
-    grain's DataLoader gives sampler slot p to shard p % shard_count; within a shard its
-    q-th slot goes to worker q % workers, and each worker batches its own records. A plain
-    index order would therefore put different records together (and drop a different
-    remainder) for every worker count. Here each shard's part of the epoch is cut into
-    batches first, batch j goes to worker j % workers, and every worker's stream is padded
-    to the same number of batches; after dropping the padding, the main process's
-    round-robin over workers yields batch 0, 1, 2, ... exactly as with no workers.
-
-    Shards: train (drop_remainder) cuts the epoch into global batches of shard_count * b
-    records and gives shard s the s-th slice of each, so step j trains on the same records
-    whichever number of processes shares it (multi-process training equals one process),
-    all processes run the same number of steps, and only whole global batches are used;
-    eval splits the records as evenly as possible (np.array_split) and keeps a last,
-    smaller batch.
-    """
-    b, s_count, w_count = int(batch_size), int(shard_count), max(int(worker_count), 1)
-    if drop_remainder:
-        steps = num_records // (s_count * b)
-        shards = [(np.arange(steps)[:, None] * (s_count * b) + s * b + np.arange(b)).reshape(-1)
-                  for s in range(s_count)]
-    else:
-        shards = np.array_split(np.arange(num_records), s_count)
-    batches = [-(-len(part) // b) for part in shards]
-    rounds = -(-max(batches) // w_count)
-    layout = np.full((w_count * rounds * b, s_count), PAD, dtype=np.int64)
-    for s, part in enumerate(shards):
-        streams = np.full((w_count, rounds * b), PAD, dtype=np.int64)
-        for j in range(batches[s]):
-            chunk = part[j * b:(j + 1) * b]
-            start = (j // w_count) * b
-            streams[j % w_count, start:start + len(chunk)] = chunk
-        # Worker w reads the shard's slots w, w + W, w + 2W, ...: slot k * W + w.
-        layout[:, s] = streams.T.reshape(-1)
-    return layout.reshape(-1)  # global slot p = q * shard_count + s
-
-
-class EpochSampler:
-    """grain sampler for one epoch: the epoch's order laid out by `epoch_layout`.
-
-    Picklable and cheap to copy into workers; its repr is stable (grain stores it in the
-    iterator state and refuses a state whose sampler repr differs). Each record carries
-    `record_rng(seed, epoch, position)`, so augmentations depend on neither the worker
-    count nor the sharding.
-    """
-
-    def __init__(self, order: np.ndarray, *, kind: str, seed: int, epoch: int, batch_size: int,
-                 shard_count: int = 1, worker_count: int = 0, drop_remainder: bool = True):
-        self._order = np.asarray(order, dtype=np.int64)
-        self._kind, self._seed, self._epoch = kind, int(seed), int(epoch)
-        self._batch_size, self._shard_count = int(batch_size), int(shard_count)
-        self._worker_count, self._drop_remainder = int(worker_count), bool(drop_remainder)
-        self._positions = epoch_layout(
-            self._order.size, batch_size=batch_size, shard_count=shard_count,
-            worker_count=worker_count, drop_remainder=drop_remainder)
+    def __init__(self, split):
+        self.labels = np.asarray(split.labels)
+        self.class_names = tuple(split.class_names)
+        self.name = str(getattr(split, "name", type(split).__name__))
 
     def __len__(self) -> int:
-        return int(self._positions.size)
+        return int(self.labels.size)
+
+
+def epoch_records(labels: EpochLabels, kind: str) -> int:
+    """Records in one epoch of `kind`, before sharding."""
+    return mrr_epoch_size(labels.labels, labels.class_names) if kind == "mrr" else len(labels)
+
+
+def epoch_order(labels: EpochLabels, *, kind: str, seed: int, epoch: int) -> np.ndarray:
+    """The record indices of one epoch in order, before sharding and batching.
+
+    Evaluation orders do not depend on the epoch: every pass reads the same batches (with the
+    released code's batch GAR a prediction depends on its batch-mates).
+    """
+    if kind == "eval":
+        return np.arange(len(labels))
+    if kind == "eval-shuffled":
+        return shuffle_epoch_indices(len(labels), epoch=0, seed=seed)
+    if kind == "mrr":
+        return mrr_epoch_indices(labels.labels, epoch=epoch, seed=seed, class_names=labels.class_names)
+    return shuffle_epoch_indices(len(labels), epoch=epoch, seed=seed)
+
+
+def steps_per_epoch(labels: EpochLabels, kind: str, *, batch_size: int, shard_count: int = 1) -> int:
+    """Batches one shard yields per epoch: training, whole global batches of shard_count * batch_size
+    (the remainder dropped); evaluation (one shard), every record, the last batch possibly short."""
+    if kind.startswith("eval"):
+        return -(-len(labels) // batch_size)
+    return epoch_records(labels, kind) // (shard_count * batch_size)
+
+
+def _batch_of_slot(slot: int, *, workers: int, batch_size: int) -> tuple[int, int]:
+    """(batch, row in it) of a shard's slot: worker w's k-th record is row k % b of its batch k // b,
+    the loader's batch (k // b) * workers + w, so grain's round-robin over workers yields the
+    batches in order."""
+    worker, k = slot % workers, slot // workers
+    round_, offset = divmod(k, batch_size)
+    return round_ * workers + worker, offset
+
+
+class Sampler:
+    """The grain sampler of every loader: epochs [first_epoch, last_epoch) of one split in one stream,
+    so a loader's worker processes start once, however many epochs it serves.
+
+    Training (`kind` 'shuffle' or 'mrr'): each epoch is its order cut into global batches of
+    shard_count * batch_size records, shard s taking the s-th slice of each, so step j trains on
+    the same records whichever number of processes shares it; the remainder is dropped; each
+    record carries `record_rng(seed, epoch, position)`, so augmentations depend on neither the
+    worker count nor the sharding. Evaluation ('eval', 'eval-shuffled'; one shard): every record
+    of the same order each pass, the pass's last batch filled with BLANK slots.
+
+    grain gives sampler slot p to shard p % shard_count, and a shard's q-th slot to worker
+    q % workers, which batches its own records: batch g of the loader goes to worker g % workers
+    (`_batch_of_slot`), so the round-robin over workers yields batches 0, 1, 2, ... exactly as
+    with no workers. Picklable and cheap to copy into workers; its repr is stable (grain stores
+    it in the iterator state and restores a state only into a sampler of the same repr).
+    """
+
+    def __init__(self, split, *, kind: str, seed: int, first_epoch: int, last_epoch: int, batch_size: int,
+                 shard_count: int = 1, worker_count: int = 0):
+        if kind not in KINDS:
+            raise ValueError(f"sampler kind must be one of {KINDS}, got {kind!r}")
+        if kind.startswith("eval") and shard_count != 1:
+            raise ValueError("evaluation reads the whole split in every process: shard_count must be 1")
+        self._labels, self._kind, self._seed = EpochLabels(split), kind, int(seed)
+        self._first, self._last = int(first_epoch), int(last_epoch)
+        self._b, self._shards, self._workers = int(batch_size), int(shard_count), max(int(worker_count), 1)
+        self._steps = steps_per_epoch(self._labels, kind, batch_size=self._b, shard_count=self._shards)
+        self._batches = self._steps * (self._last - self._first)
+        self._orders: dict[int, np.ndarray] = {}
+
+    @property
+    def train(self) -> bool:
+        return not self._kind.startswith("eval")
+
+    def __len__(self) -> int:
+        rounds = -(-self._batches // self._workers)
+        return rounds * self._b * self._workers * self._shards
 
     def __repr__(self) -> str:
-        return (f"EpochSampler(kind={self._kind!r}, epoch_records={self._order.size}, "
-                f"seed={self._seed}, epoch={self._epoch}, batch_size={self._batch_size}, "
-                f"shard_count={self._shard_count}, worker_count={self._worker_count}, "
-                f"drop_remainder={self._drop_remainder})")
+        return (f"Sampler(split={self._labels.name!r}, kind={self._kind!r}, records={len(self._labels)}, "
+                f"seed={self._seed}, epochs=[{self._first}, {self._last}), batch_size={self._b}, "
+                f"shard_count={self._shards}, worker_count={self._workers})")
 
     def __getitem__(self, index: int) -> RecordMetadata:
-        if not 0 <= index < self._positions.size:
-            raise IndexError(f"sampler index {index} out of range [0, {self._positions.size})")
-        position = int(self._positions[index])
-        if position == PAD:
+        if not 0 <= index < len(self):
+            raise IndexError(f"sampler index {index} out of range [0, {len(self)})")
+        shard, slot = index % self._shards, index // self._shards
+        batch, offset = _batch_of_slot(slot, workers=self._workers, batch_size=self._b)
+        if batch >= self._batches:
             return RecordMetadata(index=index, record_key=PAD, rng=None)
-        return RecordMetadata(index=index, record_key=int(self._order[position]),
-                              rng=record_rng(self._seed, self._epoch, position))
+        epoch, step = self._first + batch // self._steps, batch % self._steps
+        if not self.train:
+            position = step * self._b + offset
+            key = int(self._order(epoch)[position]) if position < len(self._labels) else BLANK
+            return RecordMetadata(index=index, record_key=key, rng=None)
+        position = step * self._shards * self._b + shard * self._b + offset
+        return RecordMetadata(index=index, record_key=int(self._order(epoch)[position]),
+                              rng=record_rng(self._seed, epoch, position))
 
-    def shard_record_keys(self, shard_index: int) -> np.ndarray:
-        """Record indices shard `shard_index` reads this epoch, padding removed (for checks)."""
-        positions = self._positions[shard_index::self._shard_count]
-        return self._order[positions[positions != PAD]]
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            if len(self._orders) > 2:  # workers move through epochs in order: keep a few
+                self._orders.pop(min(self._orders))
+            self._orders[epoch] = epoch_order(self._labels, kind=self._kind, seed=self._seed, epoch=epoch)
+        return self._orders[epoch]

@@ -55,7 +55,7 @@ class Progress:
     epoch: int = 0  # epochs finished
     batches_done: int = 0  # batches of epoch `epoch` trained
     data_state: str | None = None  # the training loader's grain state after them (mid-epoch only)
-    data_loader: dict | None = None  # the run loader it is from: {'first_epoch', 'last_epoch'}
+    data_loader: dict | None = None  # the loader it is from: {'format', 'first_epoch', 'last_epoch'}
     sums: dict | None = None  # the partial epoch's metric sums (training/loop.py `_Sums`)
     best_wa: float | None = None  # the best validation WA so far, after epoch `best_epoch` (1-based)
     best_epoch: int | None = None

@@ -90,7 +90,7 @@ def data_state_of_this_process(saved: str) -> str:
     """The grain iterator state in a checkpoint (process 0's), as this process's own.
 
     Checkpoints hold process 0's state; shard s reads the global sampler slots q * S + s
-    where shard 0 reads q * S (sampling.epoch_layout), so at the same batch each of its
+    where shard 0 reads q * S (sampling.Sampler), so at the same batch each of its
     readers has seen the slot process 0's has seen plus s (-1: nothing seen yet).
     """
     shard = jax.process_index()

@@ -21,36 +21,37 @@ if TYPE_CHECKING:
 class TrainBatches:
     """The training batches of one launch, epoch after epoch, with a position a checkpoint can hold.
 
-    Batches come from one `make_run_loader` over [the launch's first epoch, config.epochs), so
+    Batches come from one `make_loader` over [the launch's first epoch, config.epochs), so
     grain's worker processes start once per launch, not once per epoch. A checkpoint saves
     the grain state and that loader's epoch range: grain restores a state only into a loader
     whose sampler has the same repr, which names the range. When the loader is used up (the
-    epochs were raised on resume), a new one serves the remaining epochs. A checkpoint of
-    the per-epoch loaders (before run loaders, no range saved) finishes its epoch with
-    `make_loader`, as it was written.
+    epochs were raised on resume), a new one serves the remaining epochs.
     """
 
     def __init__(self, split, config, *, batch_size: int, seed: int, steps_per_epoch: int):
         self._split, self._steps, self._last_epoch = split, steps_per_epoch, config.epochs
         self._workdir = config.workdir
-        self._options = dict(batch_size=batch_size, seed=seed, sampler=config.sampler,
+        self._options = dict(batch_size=batch_size, seed=seed, train=True, sampler=config.sampler,
                              image_size=config.image_size, worker_count=config.worker_count,
                              shard_index=jax.process_index(), shard_count=jax.process_count())
         self._iterator = None
-        self._range: tuple[int, int] | None = None  # the run loader's epochs; None: a one-epoch loader
-        self._ends = 0  # the first epoch the open loader does not serve
+        self._range: tuple[int, int] = (0, 0)  # the open loader's epochs [first, last)
         self._served_until = (0, 0)  # (epoch, batch) of the iterator's next batch
 
     def resume(self, progress: Progress) -> None:
         """Open the loader a mid-epoch checkpoint was taken from and restore its state there."""
+        from arm_jax.data.pipeline import LOADER_FORMAT
+
         epoch, done, saved = progress.epoch, progress.batches_done, progress.data_state
         if not (done and saved):
-            return  # an epoch start: `next` opens a run loader
-        loader = progress.data_loader
-        if loader is None:  # written by the per-epoch loop
-            self._open(epoch, None)
-        else:
-            self._open(loader["first_epoch"], loader["last_epoch"])
+            return  # an epoch start: `next` opens a loader
+        loader = progress.data_loader or {}
+        if loader.get("format") != LOADER_FORMAT:
+            raise UserError(
+                f"{self._workdir}: its checkpoint stopped mid-epoch {epoch + 1} with the data loader of an earlier "
+                "arm-jax 0.1, which this version cannot restore (0.1 keeps no compatibility between its "
+                "versions); start a new workdir, or finish that run with the version that began it")
+        self._open(loader["first_epoch"], loader["last_epoch"])
         try:
             self._iterator.set_state(data_state_of_this_process(saved).encode())
         except ValueError as error:  # grain restores only with the worker count it saved with
@@ -60,7 +61,7 @@ class TrainBatches:
 
     def next(self, epoch: int) -> dict:
         """The next training batch of `epoch` (each epoch's batches are asked for in order)."""
-        if not self._served_until[0] == epoch < self._ends:  # used up (or never opened)
+        if not self._served_until[0] == epoch < self._range[1]:  # used up (or never opened)
             self._open(epoch, max(self._last_epoch, epoch + 1))
         batch = next(self._iterator)
         at_epoch, at_batch = self._served_until
@@ -69,37 +70,32 @@ class TrainBatches:
 
     def position(self) -> dict:
         """Progress fields that resume right after the last batch served (see `resume`)."""
-        first_last = None if self._range is None else dict(zip(("first_epoch", "last_epoch"), self._range))
-        return {"data_state": self._iterator.get_state().decode(), "data_loader": first_last}
+        from arm_jax.data.pipeline import LOADER_FORMAT
+
+        first, last = self._range
+        return {"data_state": self._iterator.get_state().decode(),
+                "data_loader": {"format": LOADER_FORMAT, "first_epoch": first, "last_epoch": last}}
 
     def close(self) -> None:
         """Stop the loader's worker processes now rather than whenever it is collected."""
         close_iterator(self._iterator)
         self._iterator = None
 
-    def _open(self, first_epoch: int, last_epoch: int | None) -> None:
-        """A run loader over [first_epoch, last_epoch), or with last_epoch None one epoch's loader."""
-        from arm_jax.data.pipeline import make_loader, make_run_loader
+    def _open(self, first_epoch: int, last_epoch: int) -> None:
+        """The loader over epochs [first_epoch, last_epoch)."""
+        from arm_jax.data.pipeline import make_loader
 
         self.close()
-        if last_epoch is None:
-            loader = make_loader(self._split, epoch=first_epoch, train=True, **self._options)
-        else:
-            loader = make_run_loader(self._split, first_epoch=first_epoch, last_epoch=last_epoch, **self._options)
-        self._iterator = iter(loader)
-        self._range = None if last_epoch is None else (first_epoch, last_epoch)
-        self._ends = first_epoch + 1 if last_epoch is None else last_epoch
+        self._iterator = iter(make_loader(self._split, epochs=(first_epoch, last_epoch), **self._options))
+        self._range = (first_epoch, last_epoch)
         self._served_until = (first_epoch, 0)
 
 
 class ValidationBatches:
-    """The validation batches of every epoch of a launch, from one run-long loader
-    (`pipeline.make_eval_run_loader`: its worker processes start once per launch, not per epoch),
-    read in a background thread from `prepare()` (a few training steps before the epoch ends)
-    until `batches()` has served them, so the device does not wait for the first ones.
-
-    Each epoch's batches equal `make_loader(train=False, epoch=0)`'s: the run loader pads a
-    pass's last batch to full size, and its padding rows are cut off here.
+    """The validation batches of every epoch of a launch, from one loader over all its passes (its
+    worker processes start once per launch, not per epoch), read in a background thread from
+    `prepare()` (a few training steps before the epoch ends) until `batches()` has served them,
+    so the device does not wait for the first ones. Each pass is the same batches.
     """
 
     LEAD_STEPS = 3  # prepare this many training steps before the epoch ends
@@ -136,10 +132,10 @@ class ValidationBatches:
         self._between_passes = False
         for start in range(0, self._records, self._batch_size):
             batch = self._next_batch(start)
-            rows = min(self._batch_size, self._records - start)
-            if (batch["label"][:rows] < 0).any() or (batch["label"][rows:] >= 0).any():
-                raise RuntimeError(f"validation batch at record {start}: padding is not where the layout puts it")
-            yield {key: value[:rows] for key, value in batch.items()}
+            if len(batch["label"]) != min(self._batch_size, self._records - start):
+                raise RuntimeError(f"validation batch at record {start}: {len(batch['label'])} records, "
+                                   "not where a pass's batches put it")
+            yield batch
         self._between_passes = True
 
     def _next_batch(self, start: int) -> dict:

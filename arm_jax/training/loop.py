@@ -199,8 +199,9 @@ def _setup(config: TrainConfig) -> tuple[Run, TrainState, Progress]:
     return run, state, progress
 
 
-def _val_loader(run: Run):
-    """The validation batches, the same every epoch (training: feed.TrainBatches)."""
+def _val_loader(run: Run, passes: int = 1):
+    """The validation batches of `passes` epochs from one loader, whose workers start once; every
+    pass the same batches (training: feed.TrainBatches)."""
     from arm_jax.data.pipeline import make_loader
 
     c = run.config
@@ -208,21 +209,9 @@ def _val_loader(run: Run):
     # GAR the released code's predictions depend on which images share a batch; index order
     # would put near-single-class batches together (sources are often sorted by class), so
     # evaluation batches are shuffled, the same way every epoch.
-    return make_loader(run.val_split, batch_size=c.eval_batch_size, seed=run.data_seed, epoch=0,
-                       train=False, sampler=c.sampler, image_size=c.image_size,
-                       worker_count=c.worker_count, shuffle_eval=c.gar_mode == "batch",
-                       shard_index=0, shard_count=1)
-
-
-def _val_run_loader(run: Run, passes: int):
-    """`_val_loader`'s batches for `passes` epochs from one loader, whose workers start once
-    (its passes' last batches padded: feed.ValidationBatches cuts the padding off)."""
-    from arm_jax.data.pipeline import make_eval_run_loader
-
-    c = run.config
-    return make_eval_run_loader(run.val_split, passes=passes, batch_size=c.eval_batch_size, seed=run.data_seed,
-                                image_size=c.image_size, shuffle_eval=c.gar_mode == "batch",
-                                worker_count=c.worker_count)
+    return make_loader(run.val_split, batch_size=c.eval_batch_size, seed=run.data_seed, epochs=(0, passes),
+                       train=False, image_size=c.image_size, worker_count=c.worker_count,
+                       shuffle_eval=c.gar_mode == "batch")
 
 
 def validate(run: Run, state, batches=None) -> dict:
@@ -389,7 +378,7 @@ def _train(config: TrainConfig, after_step, timings) -> dict:
                            steps_per_epoch=run.steps_per_epoch)
     batches.resume(progress)
     # Opened when first needed (near the end of this launch's first epoch), for the epochs left then.
-    validation = ValidationBatches(lambda: _val_run_loader(run, passes=config.epochs - progress.epoch),
+    validation = ValidationBatches(lambda: _val_loader(run, passes=config.epochs - progress.epoch),
                                    records=len(run.val_split), batch_size=config.eval_batch_size)
     last = {}
     with StopRequest(after_step) as stop:

@@ -23,9 +23,9 @@ Action = Callable[[int, "TrainState"], None]
 
 
 class FirstStepReport:
-    """Once, after a launch's first step: wait for it, log its time, and compile `snapshot` (the
-    epoch-end copy of the state) with it rather than at the first epoch boundary, between two
-    epochs' steps."""
+    """Once, after a launch's first step: wait for it, log its time (from `batches.served_at`), and
+    compile `snapshot` (the epoch-end copy of the state) with it rather than at the first epoch
+    boundary, between two epochs' steps."""
 
     def __init__(self, snapshot: Callable, batches: TrainBatches):
         self.snapshot, self.batches, self.done = snapshot, batches, False

@@ -62,7 +62,8 @@ BUGS = (
     Bug("loop-schedule-off-by-one", "the lr schedule counts one step more per epoch", "arm_jax/training/loop.py",
         "tx = make_optimizer(config, steps_per_epoch)", "tx = make_optimizer(config, steps_per_epoch + 1)", LOOP),
     Bug("loop-resume-drops-epoch-sums", "a mid-epoch resume restarts the epoch's loss/accuracy sums",
-        "arm_jax/training/loop.py", 'sums = _Sums(progress.sums)', "sums = _Sums(None)", LOOP),
+        "arm_jax/training/loop.py", 'sums = _Sums(progress.sums, run.par.fetch)',
+        "sums = _Sums(None, run.par.fetch)", LOOP),
     # Checkpoints.
     Bug("ckpt-restores-oldest", "a resume restores the oldest kept checkpoint", "arm_jax/training/checkpoints.py",
         "for step in sorted(self.latest.all_steps(), reverse=True):", "for step in sorted(self.latest.all_steps()):",

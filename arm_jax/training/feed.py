@@ -37,6 +37,7 @@ class TrainBatches:
         self._iterator = None
         self._range: tuple[int, int] = (0, 0)  # the open loader's epochs [first, last)
         self._served_until = (0, 0)  # (epoch, batch) of the iterator's next batch
+        self.asked_at = self.served_at = 0.0  # perf_counter when `next` last began and returned
 
     def resume(self, progress: Progress) -> None:
         """Open the loader a mid-epoch checkpoint was taken from and restore its state there."""
@@ -60,12 +61,15 @@ class TrainBatches:
         self._served_until = (epoch, done)
 
     def next(self, epoch: int) -> dict:
-        """The next training batch of `epoch` (each epoch's batches are asked for in order)."""
+        """The next training batch of `epoch` (each epoch's batches are asked for in order).
+        A step begins when its batch is served (`served_at`: training/actions.py times steps so)."""
+        self.asked_at = time.perf_counter()
         if not self._served_until[0] == epoch < self._range[1]:  # used up (or never opened)
             self._open(epoch, max(self._last_epoch, epoch + 1))
         batch = next(self._iterator)
         at_epoch, at_batch = self._served_until
         self._served_until = (at_epoch, at_batch + 1) if at_batch + 1 < self._steps else (at_epoch + 1, 0)
+        self.served_at = time.perf_counter()
         return batch
 
     def position(self) -> dict:
@@ -243,3 +247,13 @@ class Timings:
                 return
             self.add(what, epoch, start)
             yield item
+
+
+class NoTimings(Timings):
+    """A Timings that records nothing: the loop's default."""
+
+    def add(self, what: str, epoch: int, start: float, end: float | None = None) -> None:
+        pass
+
+    def timed(self, iterable, what: str, epoch: int):
+        return iterable

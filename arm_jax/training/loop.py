@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
@@ -20,9 +20,10 @@ import numpy as np
 from tqdm import tqdm
 
 from arm_jax import metrics as metrics_lib
+from arm_jax.training.actions import Action, FirstStepReport, MidEpochCheckpoints, StepTimes
 from arm_jax.training.checkpoints import Checkpoints, Progress
 from arm_jax.training.config import TrainConfig, check_resumable, save_config
-from arm_jax.training.feed import TrainBatches, ValidationBatches
+from arm_jax.training.feed import NoTimings, Timings, TrainBatches, ValidationBatches
 from arm_jax.data.base import LabelledSplit, Subset
 from arm_jax.errors import UserError
 from arm_jax.models import ARMResNet18, architecture, with_runtime
@@ -43,14 +44,12 @@ class StopRequest:
     """SIGINT/SIGTERM set a flag; the loop finishes its step, saves and returns.
 
     A second signal gets the default behaviour (SIGINT: KeyboardInterrupt), so an impatient
-    user can still break out of a slow save. `after_step(step, stop)`, if given, runs after
-    every training step and may call `stop.request(signum)`: a stop at a known step (tests).
+    user can still break out of a slow save. `request` stops at a known step (tests).
     """
 
-    def __init__(self, after_step=None):
+    def __init__(self):
         self.signum: int | None = None
         self._previous = {}
-        self.after_step = after_step
 
     def request(self, signum: int) -> None:
         """Stop as the signal `signum` would, without a signal."""
@@ -80,7 +79,7 @@ TrainStep = Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]
 EvalStep = Callable[[TrainState, dict], dict]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Run:
     """What the epoch loop needs besides the state: built once by `_setup`."""
 
@@ -98,7 +97,6 @@ class Run:
     model_info: dict
     ckpt: Checkpoints
     is_main: bool
-    compiled: bool = False  # the first step (compilation included) has run
 
 
 def _open_data(config: TrainConfig) -> tuple[LabelledSplit, LabelledSplit]:
@@ -231,91 +229,91 @@ def validate(run: Run, state, batches=None) -> dict:
 
 
 class _Sums:
-    """The epoch's training loss/correct/count, fed one step late (see `train_epoch`)."""
+    """The epoch's training loss/correct/count. A step's metrics are fetched once the next step is
+    dispatched: fetching them at once would idle the device while the host waits for them."""
 
-    def __init__(self, saved: dict | None):
+    def __init__(self, saved: dict | None, fetch: Callable[[dict], dict]):
         self.values = dict(saved or {"loss_sum": 0.0, "correct": 0, "count": 0})
-        self.pending = None
+        self.fetch = fetch  # Parallel.fetch
+        self.pending = None  # (metrics, step) of the last step, not fetched yet
 
-    def push(self, metrics, step: int, epoch: int, batch: int, run: Run) -> None:
-        self.flush(run)
-        self.pending = (metrics, step, epoch, batch)
+    def push(self, metrics, step: int) -> tuple[float, int] | None:
+        """Hold this step's metrics; `flush` the previous step's."""
+        fetched = self.flush()
+        self.pending = metrics, step
+        return fetched
 
-    def flush(self, run: Run) -> None:
-        """Fetch the pending step's metrics; raise LossIsNaN if its loss is not finite."""
+    def flush(self) -> tuple[float, int] | None:
+        """Add the pending step's metrics to the sums: (its loss, its step), or None if none was pending."""
         if self.pending is None:
-            return
-        metrics, step, epoch, batch = self.pending
-        self.pending = None
-        host = run.par.fetch(metrics)
+            return None
+        (metrics, step), self.pending = self.pending, None
+        host = self.fetch(metrics)
         loss = float(host["loss_sum"])
-        if not math.isfinite(loss):
-            run.ckpt.wait()
-            last = run.ckpt.latest_step()
-            kept = f"the last good checkpoint (step {last}) is kept" if last is not None else "no checkpoint was saved yet"
-            raise LossIsNaN(f"loss is {loss} at step {step} (epoch {epoch + 1}, batch {batch}); "
-                            f"stopped without saving that state; {kept} in {run.ckpt.root / 'latest'}. "
-                            "Lower --lr, or check the data.")
         self.values["loss_sum"] += loss
         self.values["correct"] += int(host["correct"])
         self.values["count"] += int(host["count"])
+        return loss, step
+
+
+def _check_loss(run: Run, fetched: tuple[float, int] | None) -> None:
+    """Raise LossIsNaN if a fetched step's loss (`_Sums.flush`) is not finite."""
+    if fetched is None or math.isfinite(fetched[0]):
+        return
+    loss, step = fetched
+    epoch, batch = divmod(step - 1, run.steps_per_epoch)
+    run.ckpt.wait()
+    last = run.ckpt.latest_step()
+    kept = f"the last good checkpoint (step {last}) is kept" if last is not None else "no checkpoint was saved yet"
+    raise LossIsNaN(f"loss is {loss} at step {step} (epoch {epoch + 1}, batch {batch + 1}); "
+                    f"stopped without saving that state; {kept} in {run.ckpt.root / 'latest'}. "
+                    "Lower --lr, or check the data.")
 
 
 def train_epoch(run: Run, state, progress: Progress, stop: StopRequest, batches: TrainBatches,
-                validation: ValidationBatches, timings=None):
+                validation: ValidationBatches, actions: Sequence[Action], timings: Timings):
     """One epoch (or its rest, when resuming mid-epoch). Returns (state, progress, stopped).
 
-    `batches` serves the epoch's training batches; `validation.prepare()` runs a few steps
-    before the end, so validation batches are ready when the last step is. `timings`
-    (feed.Timings), if given, records the waits for batches and the steps.
+    After each step run the `actions`, then the epoch's own: a checkpoint every
+    config.checkpoint_every_steps batches, and the step's `timings`.
     """
     epoch, start = progress.epoch, progress.batches_done
-    sums = _Sums(progress.sums)
-    every = run.config.checkpoint_every_steps
-    bar = tqdm(total=run.steps_per_epoch, initial=start, unit="img", unit_scale=run.config.batch_size,
-               desc=f"epoch {epoch + 1}/{run.config.epochs}", leave=False,
-               disable=run.config.quiet or not run.is_main or not sys.stderr.isatty())
+    sums = _Sums(progress.sums, run.par.fetch)
 
-    def checkpoint(batches_done: int) -> None:
-        sums.flush(run)  # never save a state whose loss has not been checked
+    def checkpoint(state, batches_done: int) -> None:
+        _check_loss(run, sums.flush())  # never save a state whose loss has not been checked
         at = dataclasses.replace(progress, batches_done=batches_done, **batches.position(), sums=sums.values)
         run.ckpt.save(run.par.host_state(state), at, run.model_info)
 
+    times = StepTimes(timings, batches, epoch)
+    every_step = (*actions, MidEpochCheckpoints(run.ckpt, run.config.checkpoint_every_steps, run.steps_per_epoch,
+                                                checkpoint), times)  # times last: a step's time includes the others
     batch_index = start
-    with bar:
+    with _progress_bar(run, epoch, start) as bar:
         while batch_index < run.steps_per_epoch and stop.signum is None:
             if run.steps_per_epoch - batch_index <= validation.LEAD_STEPS:
-                validation.prepare()
-            waited = time.perf_counter()
+                validation.prepare()  # so that validation batches are ready when the last step is
             batch = batches.next(epoch)
-            t0 = time.perf_counter()
-            state, step_metrics = run.train_step(state, run.par.put_batch(batch), run.step_key)
+            state, metrics = run.train_step(state, run.par.put_batch(batch), run.step_key)
             batch_index += 1
-            sums.push(step_metrics, epoch * run.steps_per_epoch + batch_index, epoch, batch_index, run)
-            if stop.after_step is not None:
-                stop.after_step(epoch * run.steps_per_epoch + batch_index, stop)
-            if not run.compiled:
-                jax.block_until_ready(state)
-                run.compiled = True
-                log.info("first step done in %.1f s (includes compilation)", time.perf_counter() - t0)
-                # Compile the epoch-end copy of the state now, with the step, rather than at the
-                # first epoch boundary, where it stood between two epochs' steps.
-                jax.block_until_ready(run.par.snapshot(state))
+            step = epoch * run.steps_per_epoch + batch_index
+            _check_loss(run, sums.push(metrics, step))  # the previous step's metrics, fetched now
+            for action in every_step:
+                action(step, state)
             bar.update(1)
-            run.ckpt.raise_if_failed()  # an epoch-end save from the thread (a full disk): stop now
-            if every and batch_index % every == 0 and batch_index < run.steps_per_epoch:
-                checkpoint(batch_index)
-            if timings is not None:
-                timings.add("batch", epoch, waited, t0)
-                timings.add("step", epoch, t0)
-        flushing = time.perf_counter()
-        sums.flush(run)
-        if timings is not None and batch_index > start:  # the last step ends when its metrics are back
-            timings.add("step", epoch, flushing)
-    if stop.signum is not None and batch_index < run.steps_per_epoch:
-        checkpoint(batch_index)
-        return state, dataclasses.replace(progress, batches_done=batch_index, sums=sums.values), True
-    return state, dataclasses.replace(progress, batches_done=batch_index, sums=sums.values), False
+        with times.last_fetch():
+            _check_loss(run, sums.flush())
+    stopped = stop.signum is not None and batch_index < run.steps_per_epoch
+    if stopped:
+        checkpoint(state, batch_index)
+    return state, dataclasses.replace(progress, batches_done=batch_index, sums=sums.values), stopped
+
+
+def _progress_bar(run: Run, epoch: int, start: int) -> tqdm:
+    c = run.config
+    return tqdm(total=run.steps_per_epoch, initial=start, unit="img", unit_scale=c.batch_size,
+                desc=f"epoch {epoch + 1}/{c.epochs}", leave=False,
+                disable=c.quiet or not run.is_main or not sys.stderr.isatty())
 
 
 def _epoch_record(run: Run, epoch: int, state, sums: dict, val: dict, seconds: float) -> dict:
@@ -346,8 +344,9 @@ def train(config: TrainConfig, *, after_step=None, timings=None) -> dict:
     The summary's 'status' is 'done', or 'interrupted' (with 'signal') after SIGINT/SIGTERM,
     in which case a checkpoint of the exact position (mid-epoch included) has been saved
     and re-running with the same workdir continues bit for bit. `after_step(step, stop)`
-    runs after each step; `stop.request(signal.SIGTERM)` there stops as SIGTERM would.
-    `timings` (feed.Timings), if given, records where the wall time goes (benchmarks).
+    runs after each step (first of its actions); `stop.request(signal.SIGTERM)` there stops
+    as SIGTERM would. `timings` (feed.Timings), if given, records where the wall time goes
+    (benchmarks).
     """
     from arm_jax.training.workdir_lock import workdir_lock
 
@@ -357,7 +356,7 @@ def train(config: TrainConfig, *, after_step=None, timings=None) -> dict:
         initialize()
     with workdir_lock(config.workdir, enabled=jax.process_index() == 0):
         try:
-            return _train(config, after_step, timings)
+            return _train(config, after_step, NoTimings() if timings is None else timings)
         except Exception as err:
             if config.distributed:  # a lost peer: say which, instead of a collective's traceback
                 from arm_jax.training.distributed import lost_peer_message
@@ -367,7 +366,7 @@ def train(config: TrainConfig, *, after_step=None, timings=None) -> dict:
             raise
 
 
-def _train(config: TrainConfig, after_step, timings) -> dict:
+def _train(config: TrainConfig, after_step, timings: Timings) -> dict:
     started = time.perf_counter()
     writer = _tensorboard(config, Path(config.workdir))
     run, host_state, progress = _setup(config)
@@ -381,23 +380,22 @@ def _train(config: TrainConfig, after_step, timings) -> dict:
     validation = ValidationBatches(lambda: _val_loader(run, passes=config.epochs - progress.epoch),
                                    records=len(run.val_split), batch_size=config.eval_batch_size)
     last = {}
-    with StopRequest(after_step) as stop:
+    with StopRequest() as stop:
+        actions = [] if after_step is None else [lambda step, _: after_step(step, stop)]
+        actions.append(FirstStepReport(run.par.snapshot, batches))
         try:
             while progress.epoch < config.epochs:
                 epoch = progress.epoch
                 t0 = time.perf_counter()
-                state, progress, stopped = train_epoch(run, state, progress, stop, batches, validation, timings)
+                state, progress, stopped = train_epoch(run, state, progress, stop, batches, validation, actions,
+                                                       timings)
                 if stopped:
                     return _interrupted(run, stop, progress, started)
                 train_seconds = time.perf_counter() - t0
                 validating = time.perf_counter()
-                val_batches = validation.batches()
-                if timings is not None:
-                    val_batches = timings.timed(val_batches, "val_batch", epoch)
-                val = validate(run, state, val_batches)
-                if timings is not None:
-                    timings.add("validate", epoch, validating)
-                    epoch_end = time.perf_counter()
+                val = validate(run, state, timings.timed(validation.batches(), "val_batch", epoch))
+                timings.add("validate", epoch, validating)
+                epoch_end = time.perf_counter()
                 record = _epoch_record(run, epoch, state, progress.sums, val, train_seconds)
                 record["images_per_s"] = progress.sums["count"] / max(train_seconds, 1e-9)
                 best = progress.best_wa is None or val["wa"] > progress.best_wa
@@ -411,8 +409,7 @@ def _train(config: TrainConfig, after_step, timings) -> dict:
                                             progress, run.model_info,
                                             kinds=("latest", "best") if best else ("latest",))
                 _report(run, record, writer)
-                if timings is not None:
-                    timings.add("epoch_end", epoch, epoch_end)
+                timings.add("epoch_end", epoch, epoch_end)
                 last = record
                 if stop.signum is not None:
                     return _interrupted(run, stop, progress, started)

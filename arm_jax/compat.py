@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
-import json
 import logging
 import sys
 
@@ -97,14 +96,3 @@ def shared_memory_delete_pool():
     from grain.multiprocessing import SharedMemoryArray
 
     return getattr(SharedMemoryArray, "_del_thread_pool", None)
-
-
-def shift_grain_state(state: str, shift: int) -> str:
-    """A grain DataLoader iterator state (JSON) moved `shift` sampler slots on for each of its
-    workers' last-seen record: grain documents the state as opaque, and arm-jax maps process 0's
-    checkpointed state onto another shard this way (training/distributed.py)."""
-    _using("grain", "iterator state's last_seen_indices")
-    data = json.loads(state)
-    data["last_seen_indices"] = {worker: index + shift if index >= 0 else index
-                                 for worker, index in data["last_seen_indices"].items()}
-    return json.dumps(data, indent=4)

@@ -66,11 +66,11 @@ BUGS = (
         "sums = _Sums(None, run.par.fetch)", LOOP),
     # Checkpoints.
     Bug("ckpt-restores-oldest", "a resume restores the oldest kept checkpoint", "arm_jax/training/checkpoints.py",
-        "for step in sorted(self.latest.all_steps(), reverse=True):", "for step in sorted(self.latest.all_steps()):",
+        "for step in sorted(self.manager.all_steps(), reverse=True):", "for step in sorted(self.manager.all_steps()):",
         CHECKPOINTS),
-    Bug("ckpt-best-keeps-n", "best keeps as many checkpoints as latest", "arm_jax/training/checkpoints.py",
-        'self.best = _manager(self.root / "best", 1, create=True)',
-        'self.best = _manager(self.root / "best", self.keep, create=True)', CHECKPOINTS),
+    Bug("ckpt-best-not-kept", "the best is not kept once older than the last few", "arm_jax/training/checkpoints.py",
+        "AnyPreservationPolicy([ocp.checkpoint_managers.LatestN(keep), best])",
+        "AnyPreservationPolicy([ocp.checkpoint_managers.LatestN(keep)])", CHECKPOINTS),
     # bfloat16.
     Bug("bn-moments-in-bf16", "a bf16 model's BatchNorm moments computed in bf16", "arm_jax/models/batchnorm.py",
         "mean, var, count = self._batch_moments(x.astype(stats_dtype))",

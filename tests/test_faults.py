@@ -57,16 +57,16 @@ def _assert_bitwise_equal(a, b):
         assert x.dtype == y.dtype and np.array_equal(x, y)
 
 
-def _steps(workdir, kind="latest", *, pattern=r"\d+", exclude=frozenset()) -> list[int]:
-    directory = Path(workdir) / "checkpoints" / kind
+def _steps(workdir, *, pattern=r"\d+", exclude=frozenset()) -> list[int]:
+    directory = Path(workdir) / "checkpoints"
     if not directory.is_dir():
         return []
     return sorted(int(re.match(r"\d+", p.name)[0]) for p in directory.iterdir()
                   if re.fullmatch(pattern, p.name) and p.name not in exclude)
 
 
-def _names(workdir, kind="latest") -> frozenset:
-    directory = Path(workdir) / "checkpoints" / kind
+def _names(workdir) -> frozenset:
+    directory = Path(workdir) / "checkpoints"
     return frozenset(p.name for p in directory.iterdir()) if directory.is_dir() else frozenset()
 
 
@@ -152,18 +152,20 @@ def _corrupt(step_dir: Path, how: str, items=("progress",)) -> None:
 
 @pytest.mark.slow
 def test_no_intact_checkpoint_is_an_error(tmp_path, reference):
-    """Steps 12, 11, 10 corrupted three ways (truncated data, deleted item, garbage JSON):
-    nothing to fall back to, so loading and resuming are errors and nothing is set aside."""
+    """Every kept step (the 3 newest and the best) corrupted three ways (truncated data, deleted
+    item, garbage JSON): nothing to fall back to, so loading and resuming are errors and nothing
+    is set aside."""
     run = tmp_path / "run"
     shutil.copytree(reference[0], run)
-    latest = run / "checkpoints" / "latest"
-    for step, how in ((12, "truncate"), (11, "delete"), (10, "garbage_json")):
-        _corrupt(latest / str(step), how, items=("progress", "model"))
-    with pytest.raises(UserError, match=r"latest/12: cannot restore.*none of its 3"):
+    checkpoints, kept = run / "checkpoints", _steps(run)
+    assert kept[-3:] == [10, 11, 12] and len(kept) in (3, 4)  # and the best, if epoch 1's end was
+    for step, how in zip(reversed(kept), ("truncate", "delete", "garbage_json", "truncate")):
+        _corrupt(checkpoints / str(step), how, items=("progress", "model"))
+    with pytest.raises(UserError, match=rf"checkpoints/12: cannot restore.*none of its {len(kept)}"):
         load_model_from_checkpoint(run, which="latest")
-    with pytest.raises(UserError, match=r"no intact checkpoint: all 3"):
+    with pytest.raises(UserError, match=rf"no intact checkpoint: all {len(kept)}"):
         train(TrainConfig(**TINY, workdir=str(run)))
-    assert _steps(run) == [10, 11, 12]  # nothing set aside when nothing is intact
+    assert _steps(run) == kept  # nothing set aside when nothing is intact
 
 
 @pytest.mark.slow
@@ -175,21 +177,22 @@ def test_resume_skips_corrupt_newest_checkpoints(tmp_path, reference, caplog):
     summary = train(TrainConfig(**TINY, workdir=str(run)),
                     after_step=lambda step, stop: step == 8 and stop.request(signal.SIGTERM))
     assert summary["status"] == "interrupted" and _steps(run) == [6, 7, 8]
-    latest = run / "checkpoints" / "latest"
-    _corrupt(latest / "8", "truncate")
-    _corrupt(latest / "7", "garbage_json")
+    checkpoints = run / "checkpoints"
+    _corrupt(checkpoints / "8", "truncate")
+    _corrupt(checkpoints / "7", "garbage_json")
     caplog.set_level("WARNING", logger="arm_jax")
     caplog.clear()
     fallback = _variables(run)  # step 7's variables are intact: only training needs 'progress'
-    assert "latest/8: skipped" in caplog.text and "latest/7" not in caplog.text
-    _, _, step_7 = load_model_from_checkpoint(latest / "7")
+    assert "checkpoints/8: skipped" in caplog.text and "checkpoints/7" not in caplog.text
+    _, _, step_7 = load_model_from_checkpoint(checkpoints / "7")
     _assert_bitwise_equal(fallback, jax.tree.map(np.asarray, step_7))
 
     caplog.clear()
     done = train(TrainConfig(**TINY, workdir=str(run)))
     assert done["status"] == "done" and done["step"] == STEPS
-    assert "latest/8: skipped" in caplog.text and "latest/7: skipped" in caplog.text
-    assert sorted(p.name for p in latest.iterdir() if not p.name.isdigit()) == ["7.corrupt", "8.corrupt"]
+    assert "checkpoints/8: skipped" in caplog.text and "checkpoints/7: skipped" in caplog.text
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name[0].isdigit() and not p.name.isdigit()) == \
+        ["7.corrupt", "8.corrupt"]
     _assert_bitwise_equal(_variables(run), reference[1])
 
 
@@ -222,8 +225,8 @@ def _tmpfs_available() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _tmpfs_available(), reason="needs unshare -Urm and a tmpfs mount")
 @pytest.mark.parametrize("every, failing, kept", [
-    (1, "latest/2", [1]),  # a mid-epoch save, from the training loop itself
-    (0, "best/6", [6]),    # epoch 1's end: 'latest' fits, 'best' does not; saved from a thread
+    (1, "2", [1]),   # a mid-epoch save, from the training loop itself
+    (0, "12", [6]),  # epoch 2's end (epoch 1's fits), saved from a thread
 ])
 def test_disk_full_during_a_save_is_a_clear_error_and_resumes_elsewhere(tmp_path, reference, every, failing, kept):
     """Training on a 200 MB tmpfs (one checkpoint is ~135 MB): the second save fails with a
@@ -244,7 +247,7 @@ def test_disk_full_during_a_save_is_a_clear_error_and_resumes_elsewhere(tmp_path
     assert "ERROR:absl" not in done.stderr  # orbax's own reports of it (~300 lines) are dropped
     copied = tmp_path / "copied"
     assert _steps(copied) == kept
-    assert f"the checkpoints in latest (steps {', '.join(map(str, kept))}) are intact" in error[0]
+    assert f"the checkpoints of steps {', '.join(map(str, kept))} are intact" in error[0]
     resumed = subprocess.run(_cli_args(copied, checkpoint_every_steps=every), cwd=REPO, env=_env(),
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

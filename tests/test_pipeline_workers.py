@@ -91,37 +91,6 @@ def test_validation_workers_start_once_and_serve_every_pass_as_a_per_epoch_loade
     assert len(pids[0]) >= 2 and pids[0] == pids[1] == pids[2], pids
 
 
-@pytest.mark.slow  # fast tier: grain worker processes (test_distributed.py maps an in-process loader's state)
-def test_a_loader_state_from_process_0_resumes_process_1_on_its_own_share(monkeypatch):
-    """Checkpoints hold process 0's grain state; training/distributed maps it onto another shard.
-    With run loaders (2 shards, 2 workers, 9 batches: into the second epoch) the mapped state
-    is process 1's own and resumes its next batches."""
-    import json
-
-    import jax
-
-    from arm_jax.data import pipeline
-    from arm_jax.training import distributed
-    from tests.test_pipeline import TinySplit, _same
-
-    split = TinySplit(n=60)  # 60 // (2 shards x 4) = 7 steps per epoch
-    options = dict(batch_size=4, seed=1, train=True, sampler="shuffle", image_size=16, shard_count=2, worker_count=2,
-                   epochs=(0, 2))
-    iterators = [iter(pipeline.make_loader(split, shard_index=shard, **options)) for shard in (0, 1)]
-    states = []
-    for iterator in iterators:
-        for _ in range(9):
-            next(iterator)
-        states.append(iterator.get_state())
-    assert states[0] != states[1]
-    monkeypatch.setattr(jax, "process_index", lambda: 1)
-    mapped = distributed.data_state_of_this_process(states[0].decode())
-    assert json.loads(mapped) == json.loads(states[1])
-    resumed = iter(pipeline.make_loader(split, shard_index=1, **options))
-    resumed.set_state(mapped.encode())
-    _same([next(resumed) for _ in range(5)], [next(iterators[1]) for _ in range(5)])
-
-
 _OPEN_A_LOADER_AND_WAIT = """
 import sys, time
 from arm_jax.data.pipeline import make_loader

@@ -139,7 +139,7 @@ def test_checkpoint_arrays_read_directly_equal_orbax_restore(tmp_path, monkeypat
 
     loaded = small_model(SIZE, seed=1)
     workdir = write_workdir(tmp_path / "run", loaded, step=4)
-    item = workdir / "checkpoints" / "latest" / "4" / "variables"
+    item = workdir / "checkpoints" / "4" / "variables"
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), loaded.variables)
     with ocp.StandardCheckpointer() as checkpointer:
         by_orbax = checkpointer.restore(item, target)

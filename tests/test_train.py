@@ -4,7 +4,6 @@ evaluate/predict tests). The fast tier's versions, on a small model: tests/test_
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -184,10 +183,8 @@ def test_keeps_the_last_3_checkpoints_and_the_best_by_validation_wa(tmp_path, mo
     config = TrainConfig(**{**TINY, "epochs": 4, "max_train_examples": 32}, workdir=str(tmp_path))  # 2 steps/epoch
     summary = train(config)
     assert summary["best_val_wa"] == 0.6 and summary["best_epoch"] == 2
-    steps = lambda kind: sorted(int(p.name) for p in (tmp_path / "checkpoints" / kind).iterdir() if p.name.isdigit())
-    assert steps("latest") == [4, 6, 8]
-    assert steps("best") == [4]
-    assert read_model_info(tmp_path, which="best")[1] == 4
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [4, 6, 8]
+    assert read_model_info(tmp_path, which="best")[1] == 4 and read_model_info(tmp_path, which="latest")[1] == 8
 
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3, 4] and [r["step"] for r in records] == [2, 4, 6, 8]
@@ -258,29 +255,6 @@ def test_a_mid_epoch_checkpoint_resumes_into_raised_epochs(tmp_path, reference_r
     _assert_same_run(reference_run, _final(tmp_path))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("earlier", ["per-epoch loader", "run loader"])
-def test_a_mid_epoch_checkpoint_of_an_earlier_loader_is_refused_by_name(tmp_path, earlier):
-    """A mid-epoch checkpoint's data position as arm-jax 0.1 wrote it before one sampler served every
-    loader (no loader range, or a range without the loader format) cannot be restored: a message
-    naming the workdir, and the checkpoint stays as it was."""
-    stopped = train(TrainConfig(**TINY, workdir=str(tmp_path)),
-                    after_step=lambda step, stop: step == 3 and stop.request(signal.SIGTERM))
-    assert stopped["step"] == 3
-    metadata = tmp_path / "checkpoints" / "latest" / "3" / "progress" / "metadata"
-    progress = json.loads(metadata.read_text())
-    assert progress["data_loader"]["format"] == 2 and progress["data_state"]
-    progress["data_loader"] = None if earlier == "per-epoch loader" else {"first_epoch": 0, "last_epoch": 2}
-    metadata.write_text(json.dumps(progress))
-    written = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*"))
-    with pytest.raises(UserError, match=re.escape(f"{tmp_path}: its checkpoint stopped mid-epoch 1 with the data "
-                                                  "loader of an earlier arm-jax 0.1")):
-        train(TrainConfig(**TINY, workdir=str(tmp_path)))
-    assert json.loads(metadata.read_text()) == progress
-    assert sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")
-                  if "tensorboard" not in str(path)) == [w for w in written if "tensorboard" not in w]
-
-
 # -- end to end ---------------------------------------------------------------------------
 
 # 2 epochs of the 2,100 synthetic training faces, from scratch: ~2.5 min on 2 CPU cores.
@@ -302,7 +276,7 @@ SAME_INPUT_PROBABILITY_ATOL = 1e-5
 
 @pytest.fixture(scope="module")
 def trained_workdir(tmp_path_factory):
-    """A workdir trained on the synthetic faces: checkpoints (best/latest), metrics.jsonl."""
+    """A workdir trained on the synthetic faces: checkpoints (the best and the latest), metrics.jsonl."""
     workdir = tmp_path_factory.mktemp("trained")
     summary = train(TrainConfig(**E2E, workdir=str(workdir)))
     assert summary["status"] == "done"

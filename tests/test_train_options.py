@@ -37,12 +37,12 @@ def _run(workdir, *, stop_at=None, **overrides):
 def _stored(workdir, item: str):
     """A checkpoint item ('variables', 'optimizer') as written: stored dtypes, no target to cast to."""
     step = Checkpoints(workdir).latest_step()
-    return ocp.PyTreeCheckpointer().restore(Path(workdir, "checkpoints", "latest", str(step), item).absolute())
+    return ocp.PyTreeCheckpointer().restore(Path(workdir, "checkpoints", str(step), item).absolute())
 
 
 def _progress(workdir) -> dict:
     step = Checkpoints(workdir).latest_step()
-    directory = Path(workdir, "checkpoints", "latest", str(step), "progress")
+    directory = Path(workdir, "checkpoints", str(step), "progress")
     files = [p for p in directory.rglob("*") if p.is_file() and not p.name.startswith("_")]
     return json.loads(files[0].read_text()) if len(files) == 1 else \
         ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(directory.absolute())
@@ -309,7 +309,8 @@ def test_evaluate_reports_the_validation_that_training_logged(tmp_path, gar_mode
                       eval_batch_size=8, epochs=3, gar_mode=gar_mode, parallel="none", checkpoint_every_steps=0,
                       quiet=True))
     logged = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
-    result = CliRunner().invoke(cli, ["evaluate", "--checkpoint", str(workdir / "checkpoints" / "latest"),
+    latest = max((p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    result = CliRunner().invoke(cli, ["evaluate", "--checkpoint", str(latest),
                                       "--dataset", "folder", "--data-dir", str(data), "--split", "val",
                                       "--gar", gar_mode, "--no-shuffle", "--batch-size", "8", "--json", "-"])
     assert result.exit_code == 0, result.output

@@ -25,7 +25,7 @@ from arm_jax.data.splits import open_split
 from arm_jax.interop import pretrained
 from arm_jax.models.resnet import largest_activation_bytes
 from arm_jax.training import loop
-from arm_jax.training.checkpoints import read_model_info
+from arm_jax.training.checkpoints import best_steps, read_model_info
 from arm_jax.training.config import TrainConfig
 from arm_jax.training.optim import make_optimizer
 from arm_jax.training.parallel import make_parallel
@@ -99,8 +99,8 @@ def _progress(step_dir: Path) -> dict:
     return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore((step_dir / "progress").absolute())
 
 
-def _steps(workdir: Path, kind: str) -> list[int]:
-    return sorted(int(p.name) for p in (workdir / "checkpoints" / kind).iterdir() if p.name.isdigit())
+def _steps(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
 def _records(workdir: Path) -> list[dict]:
@@ -120,11 +120,9 @@ def _assert_bitwise_equal(a, b):
 def test_keeps_the_last_3_checkpoints_and_the_best_by_validation_wa(small_run):
     workdir, summary, _ = small_run
     assert (summary["best_val_wa"], summary["best_epoch"]) == (0.6, 2)
-    assert _steps(workdir, "latest") == [4, 6, 8] and _steps(workdir, "best") == [4]
-    assert read_model_info(workdir, which="best")[1] == 4
-    checkpoints = workdir / "checkpoints"
-    _assert_bitwise_equal(_stored(checkpoints / "best" / "4"), _stored(checkpoints / "latest" / "4"))
-    assert _progress(checkpoints / "best" / "4")["best_epoch"] == 2
+    assert _steps(workdir) == [4, 6, 8] and best_steps(workdir / "checkpoints") == [4]
+    assert read_model_info(workdir, which="best")[1] == 4 and read_model_info(workdir, which="latest")[1] == 8
+    assert _progress(workdir / "checkpoints" / "4")["best_epoch"] == 2
 
     records = _records(workdir)
     assert [r["epoch"] for r in records] == [1, 2, 3, 4] and [r["step"] for r in records] == [2, 4, 6, 8]
@@ -176,7 +174,7 @@ def test_trains_as_a_hand_written_loop_over_the_same_batches(small_run):
         assert validation["ua"] == pytest.approx(np.mean(recalls), abs=1e-12)
         assert validation["loss"] == pytest.approx(val_loss / len(labels), rel=1e-6)
     assert int(state.step) == STEPS
-    _assert_bitwise_equal(_stored(workdir / "checkpoints" / "latest" / str(STEPS)),
+    _assert_bitwise_equal(_stored(workdir / "checkpoints" / str(STEPS)),
                           jax.tree.map(np.asarray, state.variables))
 
 
@@ -192,9 +190,9 @@ def test_resume_mid_epoch_and_after_an_epoch_end_equals_the_uninterrupted_run(sm
     third = _train(tmp_path)
     assert third["status"] == "done" and third["step"] == STEPS
     assert (third["best_val_wa"], third["best_epoch"]) == (reference_summary["best_val_wa"], reference_summary["best_epoch"])
-    assert _steps(tmp_path, "best") == [4]
+    assert best_steps(tmp_path / "checkpoints") == [4]
     assert _records(tmp_path) == _records(workdir)
-    latest = Path("checkpoints") / "latest" / str(STEPS)
+    latest = Path("checkpoints") / str(STEPS)
     _assert_bitwise_equal(_stored(tmp_path / latest), _stored(workdir / latest))
     _assert_bitwise_equal(_stored(tmp_path / latest, "optimizer"), _stored(workdir / latest, "optimizer"))
 

@@ -29,10 +29,6 @@ from arm_jax.data.base import resize_uint8
 from arm_jax.errors import UserError
 
 SAMPLERS = ("shuffle", "mrr")
-# The sampler a saved iterator state belongs to (a checkpoint's Progress.data_loader says it):
-# grain restores a state only into the same sampler. 1 (unnamed): the per-epoch EpochSampler
-# and the RunSampler before one Sampler served every loader.
-LOADER_FORMAT = 2
 RESIZE_ON = ("device", "host")
 _PROBE_RECORDS = 4  # records decoded to guess whether a split has one image size
 

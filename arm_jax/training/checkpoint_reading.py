@@ -1,7 +1,9 @@
 """Reading a trained model out of a training checkpoint, for evaluate, predict and serve.
 
-Which step: the newest intact one of 'best' (else 'latest'), older ones as fallbacks
-(`_first_intact`). Its 'model' JSON item and its 'variables' are read straight from
+Which step (`checkpoints/<step>`): for 'best' the step of the best validation WA (the steps
+with orbax's 'metrics' item are the new bests), then the others newest first, as fallbacks
+(`_first_intact`); for 'latest' the newest first. The layout of arm-jax 0.1 before one
+manager (`checkpoints/latest/<step>`, `checkpoints/best/<step>`) is read alike. Its 'model' JSON item and its 'variables' are read straight from
 the files orbax (0.12) writes: the JSON file, and each array with tensorstore from the
 OCDBT store the item's `_METADATA` describes. Importing orbax and restoring through it
 took about 1 s of the 2.5 s `predict` needs on a 2-core machine; a layout this
@@ -78,9 +80,24 @@ def read_variables(item: Path, abstract: Any) -> dict | None:
     return tree
 
 
+METRICS_FILE = "metrics/metrics"  # orbax's item of a step's metrics, and its file (only new bests have one)
+
+
+def best_steps(directory: Path) -> list[int]:
+    """The steps in a checkpoints directory that carry metrics, best validation WA first."""
+    scored = []
+    for path in directory.iterdir() if directory.is_dir() else ():
+        if path.name.isdigit() and (path / METRICS_FILE).is_file():
+            try:
+                scored.append((float(json.loads((path / METRICS_FILE).read_text())["val_wa"]), int(path.name)))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # unreadable: the step is still a fallback among the others
+    return [step for _, step in sorted(scored, reverse=True)]
+
+
 def _locate(path: str | Path, which: str) -> tuple[Path, int | None]:
-    """(manager directory, step or None for its newest) for a workdir, checkpoints dir,
-    manager dir ('latest'/'best') or one step's directory."""
+    """(checkpoints directory, step or None for the one `which` picks) for a workdir, checkpoints
+    dir (of an earlier 0.1: its 'latest'/'best' dir) or one step's directory."""
     if which not in KINDS:
         raise UserError(f"which: {which!r} is not one of {', '.join(KINDS)}")
     path = Path(path)
@@ -88,7 +105,7 @@ def _locate(path: str | Path, which: str) -> tuple[Path, int | None]:
         raise UserError(f"{path}: no such checkpoint or work directory")
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
-    if (path / which).is_dir():
+    if (path / which).is_dir():  # an earlier 0.1's layout
         path = path / which
     if (path / "model").is_dir() and path.name.isdigit():  # one step's directory
         return path.parent, int(path.name)
@@ -96,8 +113,9 @@ def _locate(path: str | Path, which: str) -> tuple[Path, int | None]:
 
 
 def _steps_to_try(path: str | Path, which: str) -> list[tuple[Path, int]]:
-    """(manager directory, step), newest first: the one step asked for, or every step of
-    `which` (then, for 'best', of 'latest') when a directory of checkpoints is given."""
+    """(checkpoints directory, step) in the order to try: the one step asked for, or for 'best'
+    the best steps then the others newest first, for 'latest' all newest first (an earlier 0.1's
+    layout: every step of `which`, then for 'best' of 'latest')."""
     directory, step = _locate(path, which)
     if step is not None:
         return [(directory, step)]
@@ -106,7 +124,9 @@ def _steps_to_try(path: str | Path, which: str) -> list[tuple[Path, int]]:
         directories.append(directory.parent / "latest")  # if no best is intact, the newest
     found = [(d, int(p.name)) for d in directories if d.is_dir() for p in d.iterdir()
              if p.name.isdigit() and p.is_dir()]  # orbax's finished step directories
-    found.sort(key=lambda item: (item[0] != directory, -item[1]))
+    best = best_steps(directory) if which == "best" and directory.name != "best" else []
+    found.sort(key=lambda item: (item[0] != directory, item[1] not in best,
+                                 best.index(item[1]) if item[1] in best else -item[1]))
     if not found:
         raise UserError(f"{directory}: holds no checkpoint (looked for '{which}' under {path})")
     return found
@@ -163,8 +183,7 @@ def load_model_from_checkpoint(path: str | Path, which: str = "best",
     """Rebuild a trained model from its checkpoint alone (the newest intact one).
 
     Args:
-      path: a workdir, its checkpoints/ directory, checkpoints/<which>, or one step's
-        directory inside it.
+      path: a workdir, its checkpoints/ directory, or one step's directory inside it.
       which: 'best' (highest validation WA; falls back to 'latest') or 'latest'.
       shapes_for: architecture dict -> the variables' tree of jax.ShapeDtypeStruct to restore
         into, or None; by default (and where it gives None) they come from tracing the

@@ -1,16 +1,23 @@
-"""Checkpoints with orbax: `<workdir>/checkpoints/latest` (the last few) and `.../best`.
+"""Checkpoints with orbax: `<workdir>/checkpoints/<step>`, one manager keeping the last few and the best.
 
-Each checkpoint (a step directory) holds four items:
+orbax's preservation policies decide what stays: the newest `keep` steps (LatestN) and the
+step of the best validation WA (BestN over the 'metrics' item, which only an epoch end that
+set a new best carries: the first epoch to reach a WA stays the best). Each checkpoint (a
+step directory) holds these items:
 - 'variables': {'params', 'batch_stats', 'gar'}: all evaluate/predict need;
 - 'optimizer': {'opt_state', 'step'}: Adam's moments and the step count;
-- 'progress' (JSON): a `Progress` (epoch, batches done in it, the data iterator's state, the
+- 'progress' (JSON): a `Progress` (epoch, batches done in it, the data loader's epochs, the
   step key, the partial epoch's metric sums, the best validation WA so far, the last
   validation) with its format version;
+- 'data' (mid-epoch checkpoints only): the training loader's grain iterator state, written by
+  grain's own orbax handler, one file per process (`process_<i>-of-<n>.json`), so each process
+  resumes on its own share of the batches;
 - 'model' (JSON): {'architecture', 'class_names', 'dataset', 'image_size'}, so a model
   can be rebuilt from the checkpoint alone (`load_model_from_checkpoint`, in
-  arm_jax.training.checkpoint_reading, which reads it without importing orbax).
-Two managers rather than one with `best_fn`: orbax keeps either the newest or the best N
-steps, and a run needs both (resume from the newest, evaluate the best).
+  arm_jax.training.checkpoint_reading, which reads it without importing orbax);
+- 'metrics' (JSON, orbax's own): {'val_wa'} of a new best.
+Checkpoints of arm-jax 0.1 before this layout (`checkpoints/latest/<step>`, `checkpoints/best/<step>`)
+are read by evaluate, predict and serve, but not resumed.
 """
 
 from __future__ import annotations
@@ -23,13 +30,14 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import grain.checkpoint
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from arm_jax.errors import UserError
 from arm_jax.training.checkpoint_reading import (  # noqa: F401 -- the reading side, re-exported
-    KINDS, _describe, load_model_from_checkpoint, read_model_info)
+    KINDS, _describe, best_steps, load_model_from_checkpoint, read_model_info)
 from arm_jax.training.distributed import barrier
 from arm_jax.training.state import TrainState
 
@@ -40,11 +48,12 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _NO_SPACE_TEXT = ("No space left on device", "Disk quota exceeded", "File too large")
 _ARRAY_ITEMS = ("variables", "optimizer")
 _JSON_ITEMS = ("progress", "model")
+_DATA_ITEM = "data"
 
 
 # The layout of the 'progress' item. A change of its fields is a new format: raise this, and
 # checkpoints of the other format are refused by name instead of resuming with wrong values.
-PROGRESS_FORMAT = 1
+PROGRESS_FORMAT = 2  # 1: arm-jax 0.1 before one checkpoint manager (the data state in 'progress')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +63,7 @@ class Progress:
     step_key: tuple[int, ...]  # jax.random.key_data of the run's step key (checked against --seed)
     epoch: int = 0  # epochs finished
     batches_done: int = 0  # batches of epoch `epoch` trained
-    data_state: str | None = None  # the training loader's grain state after them (mid-epoch only)
-    data_loader: dict | None = None  # the loader it is from: {'format', 'first_epoch', 'last_epoch'}
+    data_loader: dict | None = None  # mid-epoch: the loader the 'data' item is of, {'first_epoch', 'last_epoch'}
     sums: dict | None = None  # the partial epoch's metric sums (training/loop.py `_Sums`)
     best_wa: float | None = None  # the best validation WA so far, after epoch `best_epoch` (1-based)
     best_epoch: int | None = None
@@ -67,30 +75,45 @@ class Progress:
     @classmethod
     def from_json(cls, data: dict, where: Path) -> Progress:
         """The Progress a checkpoint's JSON holds; a UserError naming `where` when its format or
-        fields are not this version's. Checkpoints from before the format version (arm-jax 0.1
-        at commit ad38d44 and earlier) carry the same fields without it and are read alike."""
+        fields are not this version's."""
         fields = {field.name for field in dataclasses.fields(cls)}
-        found = data.get("format", PROGRESS_FORMAT)
+        found = data.get("format")
         if found != PROGRESS_FORMAT:
             raise UserError(f"{where}: written by another version of arm-jax (progress format {found!r}; this "
                             f"version reads {PROGRESS_FORMAT}): resume it with that version, or train in a new --workdir")
         given = set(data) - {"format"}
-        required = fields - ({"val"} if "format" not in data else set())  # unversioned: no 'val' before the first epoch end
-        if given - fields or required - given:
+        if given != fields:
             raise UserError(f"{where}: its progress item does not fit format {PROGRESS_FORMAT} (unknown fields: "
-                            f"{sorted(given - fields) or 'none'}; missing: {sorted(required - given) or 'none'})")
+                            f"{sorted(given - fields) or 'none'}; missing: {sorted(fields - given) or 'none'})")
         values = {name: data[name] for name in given}
         return cls(**{**values, "step_key": tuple(values["step_key"])})
 
 
+BEST_METRIC = "val_wa"
+
+
 def _manager(directory: Path, keep: int, *, create: bool) -> ocp.CheckpointManager:
-    # With several processes orbax synchronises each save with barriers named after the
-    # step; 'latest' and 'best' save the same step, so their barriers need distinct names.
-    multiprocessing = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=directory.name)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
-                                           multiprocessing_options=multiprocessing)
+    """The newest `keep` steps and the best one (the only steps with metrics are new bests)."""
+    best = ocp.checkpoint_managers.BestN(get_metric_fn=lambda metrics: metrics[BEST_METRIC], n=1,
+                                         keep_checkpoints_without_metrics=False)
+    policy = ocp.checkpoint_managers.AnyPreservationPolicy([ocp.checkpoint_managers.LatestN(keep), best])
+    # best_fn too: orbax writes a step's metrics (and reads them back when it reopens, for the
+    # policy) only where a best_fn is set.
+    options = ocp.CheckpointManagerOptions(create=create, preservation_policy=policy,
+                                           best_fn=lambda metrics: metrics[BEST_METRIC], best_mode="max")
     return ocp.CheckpointManager(directory.absolute(), options=options,
-                                 item_names=_ARRAY_ITEMS + _JSON_ITEMS)
+                                 item_names=_ARRAY_ITEMS + _JSON_ITEMS + (_DATA_ITEM,))
+
+
+class _SavedIteratorState:
+    """An iterator's state taken when the checkpoint is (grain's handler asks `get_state()` of what
+    it saves; orbax may run it after the loop has read further)."""
+
+    def __init__(self, state: bytes):
+        self.state = state
+
+    def get_state(self) -> bytes:
+        return self.state
 
 
 def _split(state: TrainState) -> dict:
@@ -99,15 +122,22 @@ def _split(state: TrainState) -> dict:
 
 
 class Checkpoints:
-    """The run's two checkpoint managers. States go in and come out as numpy pytrees."""
+    """The run's checkpoint manager. States go in and come out as numpy pytrees."""
 
     def __init__(self, workdir: str | Path, *, keep: int = 3):
         self.root = Path(workdir) / "checkpoints"
+        earlier = [self.root / name for name in KINDS if (self.root / name).is_dir()]
+        if earlier:
+            raise UserError(f"{earlier[0]}: checkpoints in the layout of an earlier arm-jax 0.1 (checkpoints/latest "
+                            "and checkpoints/best), which this version does not resume (0.1 keeps no compatibility "
+                            "between its versions; evaluate, predict and serve still read them); train in a new "
+                            "--workdir")
         self.keep = keep
         self._open()
         _filter_orbax_reports(True)
         self._closed = False
-        self._writing: dict[str, int] = {}  # kind -> step of a save that may be in flight
+        self._writing: int | None = None  # the step of a save that may be in flight
+        self._restored: int | None = None  # the step restore_latest returned
         self._thread: ThreadPoolExecutor | None = None  # runs `save_in_background`'s jobs
         self._job: Future | None = None  # the one that may be running
 
@@ -115,36 +145,32 @@ class Checkpoints:
         # Opening a manager lists its steps on process 0 and broadcasts them (a collective):
         # the processes must arrive within gloo's 30 s, whatever compiling held them up before.
         barrier("open checkpoints")
-        self.latest = _manager(self.root / "latest", self.keep, create=True)
-        self.best = _manager(self.root / "best", 1, create=True)
+        self.manager = _manager(self.root, self.keep, create=True)
 
-    def save(self, host_state: TrainState, progress: Progress, model_info: dict, *,
-             kind: str = "latest") -> bool:
-        """Save (asynchronously) at the state's step; False if that step is already saved."""
+    def save(self, host_state: TrainState, progress: Progress, model_info: dict, *, best: bool = False,
+             data_state: bytes | None = None) -> bool:
+        """Save (asynchronously) at the state's step; False if that step is already saved.
+        `best`: a new best validation WA (`progress.best_wa`), kept however old it gets;
+        `data_state`: this process's training iterator state, mid-epoch (`restore_data` reads it)."""
         self._finish_job()
-        return self._save(host_state, progress, model_info, kind)
+        return self._save(host_state, progress, model_info, best, data_state)
 
     def save_in_background(self, host_state: Callable[[], TrainState], progress: Progress,
-                           model_info: dict, *, kinds: tuple[str, ...] = ("latest",)) -> None:
-        """`save(host_state(), ...)` for each of `kinds`, from a thread: the caller goes on at once.
+                           model_info: dict, *, best: bool = False) -> None:
+        """`save(host_state(), ...)` from a thread: the caller goes on at once.
 
         orbax's save blocks its caller ~0.35 s (a copy of the ~135 MB state, directories,
         metadata) before it writes in the background; at an epoch's end that is most of the gap
         between two epochs. `host_state` runs in the thread, so it must read a state no later
-        step changes (`Parallel.snapshot`). The job ends when the files are written; whatever
-        it raises (a full disk) is raised by `raise_if_failed` once it has ended, or by the
-        next call that waits for it: `save`, `wait`, `latest_step`, `close`. With several
-        processes it runs here and now: orbax's collectives must meet in the same order.
-        `kinds` are written in their order, each finished before the next starts.
+        step changes (`Parallel.snapshot`). The job ends when the files are written (orbax
+        reports a failed write only then); whatever it raises (a full disk) is raised by
+        `raise_if_failed` once it has ended, or by the next call that waits for it: `save`,
+        `wait`, `latest_step`, `close`. With several processes it runs here and now: orbax's
+        collectives must meet in the same order.
         """
         def job():
-            state = host_state()
-            for kind in kinds:
-                self._save(state, progress, model_info, kind)
-                # One kind at a time, each waited for (orbax reports a failed write only then):
-                # written side by side, on a disk with room for one, either could fail, and
-                # 'latest', the one a resume needs, is written first.
-                self._wait_for(kind)
+            self._save(host_state(), progress, model_info, best, None)
+            self._wait_for_save()
 
         self._finish_job()
         if jax.process_count() > 1:
@@ -165,28 +191,36 @@ class Checkpoints:
         if job is not None:
             job.result()
 
-    def _save(self, host_state: TrainState, progress: Progress, model_info: dict, kind: str) -> bool:
-        manager = self.latest if kind == "latest" else self.best
+    def _save(self, host_state: TrainState, progress: Progress, model_info: dict, best: bool,
+              data_state: bytes | None) -> bool:
         step = int(host_state.step)
-        if step in manager.all_steps():
+        if step in self.manager.all_steps():
             return False  # e.g. interrupted again right after resuming: nothing new
         items = {name: ocp.args.StandardSave(tree) for name, tree in _split(host_state).items()}
         items["progress"] = ocp.args.JsonSave(progress.to_json())
         items["model"] = ocp.args.JsonSave(model_info)
+        if data_state is not None:
+            items[_DATA_ITEM] = grain.checkpoint.CheckpointSave(_SavedIteratorState(data_state))
         # orbax's save first finishes the previous one; finishing it here, apart, lets a failed
         # write be reported under its own step rather than this one.
-        self._wait_for(kind)
+        self._wait_for_save()
         try:
-            manager.save(step, args=ocp.args.Composite(**items))
+            self.manager.save(step, args=ocp.args.Composite(**items),
+                              metrics={BEST_METRIC: progress.best_wa} if best else None)
         except Exception as err:
-            self._raise_if_no_space(err, kind, step)
+            self._raise_if_no_space(err, step)
             raise
-        self._writing[kind] = step
+        self._writing = step
         return True
 
     def latest_step(self) -> int | None:
         self._finish_job()
-        return self.latest.latest_step()
+        return self.manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The kept step of the best validation WA (None before the first epoch end)."""
+        self._finish_job()
+        return best_steps(self.root)[0] if best_steps(self.root) else None
 
     def restore_latest(self, target: TrainState) -> tuple[TrainState, Progress] | None:
         """The newest intact checkpoint as (numpy state, progress), or None if there is none.
@@ -201,86 +235,86 @@ class Checkpoints:
         items["progress"] = ocp.args.JsonRestore()
         barrier("restore")  # orbax's restore runs collectives
         failures = []
-        for step in sorted(self.latest.all_steps(), reverse=True):
-            where = self.root / "latest" / str(step)
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            where = self.root / str(step)
             try:
-                restored = self.latest.restore(step, args=ocp.args.Composite(**items))
+                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
                 progress = restored["progress"]
                 if not isinstance(progress, dict) or "epoch" not in progress:
                     raise ValueError("its 'progress' item is not a training position")
             except Exception as err:  # orbax raises many types (ValueError, KeyError, OSError...)
                 log.warning("%s: skipped, cannot restore it (%s); trying the one before", where,
                             _describe(err))
-                failures.append((where, err))
+                failures.append(where)
                 continue
             progress = Progress.from_json(progress, where)  # another format: refused, not set aside
-            self._set_aside([w for w, _ in failures], after_step=step)
+            self._set_aside(failures)
+            self._restored = step
             optimizer = restored["optimizer"]
             state = TrainState(step=optimizer["step"], opt_state=optimizer["opt_state"],
                                **restored["variables"])
             return state, progress
         if failures:
-            where, err = failures[0]
-            raise UserError(f"{self.root / 'latest'}: no intact checkpoint: all {len(failures)} are "
-                            f"incomplete, corrupt or from an incompatible model/optimizer (newest, "
-                            f"{where.name}: {_describe(err)})") from err
+            raise UserError(f"{self.root}: no intact checkpoint: all {len(failures)} are incomplete, corrupt or "
+                            f"from an incompatible model/optimizer (newest: {failures[0].name})")
         return None
 
-    def _set_aside(self, corrupt: list[Path], *, after_step: int) -> None:
-        """Rename corrupt 'latest' steps and 'best' steps newer than the resumed one out of
-        orbax's sight (orbax silently skips saving a step at or below its newest)."""
-        newer_best = [self.root / "best" / str(s) for s in self.best.all_steps() if s > after_step]
+    def restore_data(self, iterator) -> None:
+        """Set the training loader's `iterator` (opened over the restored Progress's `data_loader`)
+        to where the checkpoint `restore_latest` returned left this process's share."""
+        self.manager.restore(self._restored, args=ocp.args.Composite(
+            **{_DATA_ITEM: grain.checkpoint.CheckpointRestore(iterator)}))
+
+    def _set_aside(self, corrupt: list[Path]) -> None:
+        """Rename the corrupt steps (all newer than the resumed one) out of orbax's sight: orbax
+        silently skips saving a step at or below its newest."""
         barrier("listed checkpoints")  # every process has looked before process 0 renames
         if jax.process_index() == 0:
-            for path in corrupt + newer_best:
-                aside = _free_name(path, "corrupt" if path in corrupt else "superseded")
+            for path in corrupt:
+                aside = _free_name(path, "corrupt")
                 os.replace(path, aside)
                 log.warning("%s: set aside as %s", path, aside.name)
         barrier("set aside")
-        if not corrupt and not newer_best:
-            return
-        self._close_managers()
-        self._open()
+        if corrupt:
+            self._close_manager()
+            self._open()
 
     def wait(self) -> None:
         """Block until asynchronous saves are on disk."""
         self._finish_job()
-        for kind in KINDS:
-            self._wait_for(kind)
+        self._wait_for_save()
 
-    def _wait_for(self, kind: str) -> None:
-        manager = self.latest if kind == "latest" else self.best
+    def _wait_for_save(self) -> None:
         try:
-            manager.wait_until_finished()
+            self.manager.wait_until_finished()
         except Exception as err:
-            self._raise_if_no_space(err, kind, self._writing.get(kind))
+            self._raise_if_no_space(err, self._writing)
             raise
 
     def close(self) -> None:
         try:
-            self._close_managers()
+            self._close_manager()
         finally:
             if not self._closed:
                 self._closed = True
                 _filter_orbax_reports(False)
 
-    def _close_managers(self) -> None:
+    def _close_manager(self) -> None:
         try:
             self._finish_job()
         finally:
             if self._thread is not None:
                 self._thread.shutdown()
                 self._thread = None
-            self.latest.close()
-            self.best.close()
+            self.manager.close()
 
-    def _raise_if_no_space(self, err: BaseException, kind: str, step: int | None) -> None:
+    def _raise_if_no_space(self, err: BaseException, step: int | None) -> None:
         """A save that failed for want of space: a UserError naming the checkpoint."""
         if not _is_no_space(err):
             return
-        where = self.root / kind / (str(step) if step is not None else "")
-        intact = [s for s in self.latest.all_steps() if not (kind == "latest" and s == step)]
-        kept = (f"the checkpoints in latest (steps {', '.join(map(str, sorted(intact)))}) are intact"
+        where = self.root / (str(step) if step is not None else "")
+        intact = [s for s in self.manager.all_steps() if s != step]
+        kept = (f"the checkpoints of steps {', '.join(map(str, sorted(intact)))} are intact"
                 if intact else "no older checkpoint exists")
         _NoSpaceReportedOnce.raised = True
         raise UserError(f"{where}: no space left on the device while saving this checkpoint "
@@ -305,10 +339,16 @@ def _is_no_space(err: BaseException | None) -> bool:
 _SHUTDOWN_TEXT = "cannot schedule new futures after shutdown"
 
 
+# orbax's warning for each save without metrics while a best is tracked: by design here (only a
+# new best carries metrics, see the module doc), so not the user's concern.
+_NO_METRICS_TEXT = "did not provide metrics"
+
+
 class _NoSpaceReportedOnce(logging.Filter):
     """Drops orbax's ERROR records (each with a traceback, ~300 lines in all) for a write that
     found no room: `Checkpoints` raises that failure once, as a UserError naming the step.
-    After that, also the shutdown reports of orbax's threads that the exit interrupts."""
+    After that, also the shutdown reports of orbax's threads that the exit interrupts. And the
+    warning of every save that is not a new best (`_NO_METRICS_TEXT`)."""
 
     raised = False  # set when Checkpoints raised the no-space UserError
 
@@ -318,7 +358,7 @@ class _NoSpaceReportedOnce(logging.Filter):
             message = record.getMessage()
         except Exception:  # noqa: BLE001 -- a malformed record is the handler's to report, not ours
             return True
-        if _is_no_space(error) or any(text in message for text in _NO_SPACE_TEXT):
+        if _is_no_space(error) or any(text in message for text in _NO_SPACE_TEXT) or _NO_METRICS_TEXT in message:
             return False
         return not (self.raised and (_SHUTDOWN_TEXT in message or _SHUTDOWN_TEXT in str(error)))
 

@@ -16,7 +16,7 @@ import os
 
 import jax
 
-from arm_jax.compat import distributed_client, shift_grain_state
+from arm_jax.compat import distributed_client
 from arm_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -84,17 +84,6 @@ def barrier(name: str, timeout_s: int = INITIALIZATION_TIMEOUT_S) -> None:
     if jax.process_count() < 2:
         return
     distributed_client().wait_at_barrier(f"arm_jax/{next(_barriers)}/{name}", timeout_s * 1000)
-
-
-def data_state_of_this_process(saved: str) -> str:
-    """The grain iterator state in a checkpoint (process 0's), as this process's own.
-
-    Checkpoints hold process 0's state; shard s reads the global sampler slots q * S + s
-    where shard 0 reads q * S (sampling.Sampler), so at the same batch each of its
-    readers has seen the slot process 0's has seen plus s (-1: nothing seen yet).
-    """
-    shard = jax.process_index()
-    return saved if shard == 0 else shift_grain_state(saved, shard)
 
 
 # What a collective or barrier says when a peer process is gone.

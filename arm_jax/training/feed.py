@@ -12,7 +12,6 @@ import jax
 
 from arm_jax.data.pipeline import close_iterator
 from arm_jax.errors import UserError
-from arm_jax.training.distributed import data_state_of_this_process
 
 if TYPE_CHECKING:
     from arm_jax.training.checkpoints import Progress
@@ -39,22 +38,15 @@ class TrainBatches:
         self._served_until = (0, 0)  # (epoch, batch) of the iterator's next batch
         self.asked_at = self.served_at = 0.0  # perf_counter when `next` last began and returned
 
-    def resume(self, progress: Progress) -> None:
-        """Open the loader a mid-epoch checkpoint was taken from and restore its state there."""
-        from arm_jax.data.pipeline import LOADER_FORMAT
-
-        epoch, done, saved = progress.epoch, progress.batches_done, progress.data_state
-        if not (done and saved):
+    def resume(self, progress: Progress, restore_data) -> None:
+        """Open the loader a mid-epoch checkpoint was taken from and restore its state there
+        (`restore_data(iterator)`: Checkpoints.restore_data)."""
+        epoch, done = progress.epoch, progress.batches_done
+        if not done:
             return  # an epoch start: `next` opens a loader
-        loader = progress.data_loader or {}
-        if loader.get("format") != LOADER_FORMAT:
-            raise UserError(
-                f"{self._workdir}: its checkpoint stopped mid-epoch {epoch + 1} with the data loader of an earlier "
-                "arm-jax 0.1, which this version cannot restore (0.1 keeps no compatibility between its "
-                "versions); start a new workdir, or finish that run with the version that began it")
-        self._open(loader["first_epoch"], loader["last_epoch"])
+        self._open(progress.data_loader["first_epoch"], progress.data_loader["last_epoch"])
         try:
-            self._iterator.set_state(data_state_of_this_process(saved).encode())
+            restore_data(self._iterator)
         except ValueError as error:  # grain restores only with the worker count it saved with
             raise UserError(f"{self._workdir}: cannot resume mid-epoch {epoch + 1} with these data "
                             f"options ({error}); resume with the --workers of the interrupted run") from None
@@ -72,13 +64,11 @@ class TrainBatches:
         self.served_at = time.perf_counter()
         return batch
 
-    def position(self) -> dict:
-        """Progress fields that resume right after the last batch served (see `resume`)."""
-        from arm_jax.data.pipeline import LOADER_FORMAT
-
+    def position(self) -> tuple[dict, bytes]:
+        """(the loader's epochs, as Progress.data_loader; its iterator's state): a mid-epoch
+        checkpoint resumes right after the last batch served (see `resume`)."""
         first, last = self._range
-        return {"data_state": self._iterator.get_state().decode(),
-                "data_loader": {"format": LOADER_FORMAT, "first_epoch": first, "last_epoch": last}}
+        return {"first_epoch": first, "last_epoch": last}, self._iterator.get_state()
 
     def close(self) -> None:
         """Stop the loader's worker processes now rather than whenever it is collected."""

@@ -132,7 +132,7 @@ def _setup(config: TrainConfig) -> tuple[Run, TrainState, Progress]:
     from arm_jax.data.pipeline import steps_in_epoch
 
     workdir = Path(config.workdir)
-    if (workdir / "config.json").exists() and any((workdir / "checkpoints" / "latest").glob("[0-9]*")):
+    if (workdir / "config.json").exists() and any((workdir / "checkpoints").glob("[0-9]*")):
         check_resumable(config, workdir)  # a run to resume: it must be the same run
     if config.pretrained == "none":
         log.warning("the backbone starts from random weights (--pretrained none); the paper's numbers "
@@ -175,7 +175,7 @@ def _setup(config: TrainConfig) -> tuple[Run, TrainState, Progress]:
         state = jax.tree.map(np.asarray, TrainState.create(init_variables(init_model, init_key, pretrained), tx))
     else:
         state, progress = restored
-        log.info("resuming from %s at epoch %d, batch %d (step %d)", ckpt.root / "latest",
+        log.info("resuming from %s at epoch %d, batch %d (step %d)", ckpt.root,
                  progress.epoch + 1, progress.batches_done, int(state.step))
     is_main = jax.process_index() == 0
     if is_main:
@@ -266,7 +266,7 @@ def _check_loss(run: Run, fetched: tuple[float, int] | None) -> None:
     last = run.ckpt.latest_step()
     kept = f"the last good checkpoint (step {last}) is kept" if last is not None else "no checkpoint was saved yet"
     raise LossIsNaN(f"loss is {loss} at step {step} (epoch {epoch + 1}, batch {batch + 1}); "
-                    f"stopped without saving that state; {kept} in {run.ckpt.root / 'latest'}. "
+                    f"stopped without saving that state; {kept} in {run.ckpt.root}. "
                     "Lower --lr, or check the data.")
 
 
@@ -282,8 +282,9 @@ def train_epoch(run: Run, state, progress: Progress, stop: StopRequest, batches:
 
     def checkpoint(state, batches_done: int) -> None:
         _check_loss(run, sums.flush())  # never save a state whose loss has not been checked
-        at = dataclasses.replace(progress, batches_done=batches_done, **batches.position(), sums=sums.values)
-        run.ckpt.save(run.par.host_state(state), at, run.model_info)
+        loader, data_state = batches.position()
+        at = dataclasses.replace(progress, batches_done=batches_done, data_loader=loader, sums=sums.values)
+        run.ckpt.save(run.par.host_state(state), at, run.model_info, data_state=data_state)
 
     times = StepTimes(timings, batches, epoch)
     every_step = (*actions, MidEpochCheckpoints(run.ckpt, run.config.checkpoint_every_steps, run.steps_per_epoch,
@@ -375,7 +376,7 @@ def _train(config: TrainConfig, after_step, timings: Timings) -> dict:
     state = run.par.put_state(host_state)
     batches = TrainBatches(run.train_split, config, batch_size=run.local_batch, seed=run.data_seed,
                            steps_per_epoch=run.steps_per_epoch)
-    batches.resume(progress)
+    batches.resume(progress, run.ckpt.restore_data)
     # Opened when first needed (near the end of this launch's first epoch), for the epochs left then.
     validation = ValidationBatches(lambda: _val_loader(run, passes=config.epochs - progress.epoch),
                                    records=len(run.val_split), batch_size=config.eval_batch_size)
@@ -400,14 +401,13 @@ def _train(config: TrainConfig, after_step, timings: Timings) -> dict:
                 record["images_per_s"] = progress.sums["count"] / max(train_seconds, 1e-9)
                 best = progress.best_wa is None or val["wa"] > progress.best_wa
                 progress = dataclasses.replace(
-                    progress, epoch=epoch + 1, batches_done=0, data_state=None, data_loader=None, sums=None,
+                    progress, epoch=epoch + 1, batches_done=0, data_loader=None, sums=None,
                     val={"wa": val["wa"], "ua": val["ua"]},
                     **({"best_wa": val["wa"], "best_epoch": epoch + 1} if best else {}))
                 # Written from a thread while the next epoch trains, from a copy of the state
                 # (the next step donates `state`'s buffers).
                 run.ckpt.save_in_background(functools.partial(run.par.host_state, run.par.snapshot(state)),
-                                            progress, run.model_info,
-                                            kinds=("latest", "best") if best else ("latest",))
+                                            progress, run.model_info, best=best)
                 _report(run, record, writer)
                 timings.add("epoch_end", epoch, epoch_end)
                 last = record
@@ -445,7 +445,7 @@ def _interrupted(run: Run, stop: StopRequest, progress: Progress, started: float
     step = run.ckpt.latest_step()
     log.warning("%s: saved a checkpoint at step %s (epoch %d, batch %d) in %s; run the same command "
                 "again to resume", stop.name, step, progress.epoch + 1, progress.batches_done,
-                run.ckpt.root / "latest")
+                run.ckpt.root)
     return {"status": "interrupted", "signal": stop.name, "signum": stop.signum,
             "workdir": str(run.workdir), "step": step, "epoch": progress.epoch,
             "batches_done": progress.batches_done, "wall_s": time.perf_counter() - started}

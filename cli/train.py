@@ -86,10 +86,16 @@ def train(verbose: bool, **options) -> None:
 
 
 def _log_to_stderr(verbose: bool = False) -> None:
-    """The loop's one line per epoch on stderr; orbax/absl chatter stays at WARNING.
+    """The loop's one line per epoch on stderr; orbax/absl chatter stays at WARNING, without
+    orbax's reports of a full disk (the command reports it once: OrbaxReportFilter).
 
     verbose: DEBUG, which also lets TFDS's warnings through (data.tfds_builders.quiet_tfds).
     """
+    from arm_jax.training.checkpoints import OrbaxReportFilter
+
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, OrbaxReportFilter) for f in absl_logger.filters):
+        absl_logger.addFilter(OrbaxReportFilter())
     logger = logging.getLogger("arm_jax")
     if not logger.handlers:
         handler = logging.StreamHandler()

@@ -295,27 +295,23 @@ def test_each_process_saves_and_resumes_its_own_share_of_the_data(tmp_path, monk
         reader.close()
 
 
-def test_orbax_messages_are_filtered_only_while_checkpoints_are_open(tmp_path, monkeypatch):
-    """Importing the module leaves absl's logger (orbax's) as it was; an open Checkpoints adds the
-    no-space filter and closing the last one removes it, so a program's own orbax saves in the same
-    process keep their messages."""
-    import logging
+def test_the_library_changes_no_logger_and_the_command_filters_orbax_reports(tmp_path):
+    """Importing the module and opening, saving with and closing Checkpoints leave absl's logger
+    (orbax's) as it was; the `arm-jax` command's logging setup puts the no-space filter on it, once."""
     import subprocess
     import sys
 
-    from arm_jax.training import checkpoints
-
-    imported = subprocess.run([sys.executable, "-c", "import logging, arm_jax.training.checkpoints as c; "
-                               "print(c._ABSL_FILTER in logging.getLogger('absl').filters)"],
-                              capture_output=True, text=True, timeout=120)
-    assert imported.stdout.strip() == "False", imported.stderr
-    absl_logger = logging.getLogger("absl")  # here: as if no Checkpoints were open (other tests leave some)
-    monkeypatch.setattr(checkpoints, "_open_checkpoints", 0)
-    monkeypatch.setattr(absl_logger, "filters", [f for f in absl_logger.filters if f is not checkpoints._ABSL_FILTER])
-    first, second = Checkpoints(tmp_path / "a"), Checkpoints(tmp_path / "b")
-    assert absl_logger.filters.count(checkpoints._ABSL_FILTER) == 1
-    first.close()
-    first.close()  # a second close counts once
-    assert checkpoints._ABSL_FILTER in absl_logger.filters
-    second.close()
-    assert checkpoints._ABSL_FILTER not in absl_logger.filters
+    script = ("import logging, numpy as np\n"
+              "from arm_jax.training.checkpoints import Checkpoints, Progress\n"
+              "from arm_jax.training.state import TrainState\n"
+              "absl = logging.getLogger('absl'); before = list(absl.filters)\n"
+              f"c = Checkpoints({str(tmp_path)!r})\n"
+              "c.save(TrainState(step=np.int32(1), params={'w': np.ones(2)}, batch_stats={}, gar={}, opt_state=()), "
+              "Progress((0, 0)), {})\n"
+              "c.close(); assert absl.filters == before, absl.filters\n"
+              "from cli.train import _log_to_stderr\n"
+              "_log_to_stderr(); _log_to_stderr()\n"
+              "print([type(f).__name__ for f in absl.filters])\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "['OrbaxReportFilter']"

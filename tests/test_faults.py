@@ -302,9 +302,9 @@ def test_orbax_shutdown_reports_are_dropped_only_after_the_no_space_error(monkey
 
     shutdown = record("_SignalingThread.run() raised an exception: cannot schedule new futures after shutdown")
     other = record("something else failed")
-    only_once = checkpoints._NoSpaceReportedOnce()
-    monkeypatch.setattr(checkpoints._NoSpaceReportedOnce, "raised", False)
+    only_once = checkpoints.OrbaxReportFilter()
+    monkeypatch.setattr(checkpoints.OrbaxReportFilter, "raised", False)
     assert only_once.filter(shutdown) and only_once.filter(other)
     assert not only_once.filter(record("[Errno 28] No space left on device"))
-    monkeypatch.setattr(checkpoints._NoSpaceReportedOnce, "raised", True)
+    monkeypatch.setattr(checkpoints.OrbaxReportFilter, "raised", True)
     assert not only_once.filter(shutdown) and only_once.filter(other)

@@ -84,7 +84,7 @@ METRICS_FILE = "metrics/metrics"  # orbax's item of a step's metrics, and its fi
 
 
 def best_steps(directory: Path) -> list[int]:
-    """The steps in a checkpoints directory that carry metrics, best validation WA first."""
+    """The steps in a checkpoints directory whose metrics hold a validation WA (new bests), best first."""
     scored = []
     for path in directory.iterdir() if directory.is_dir() else ():
         if path.name.isdigit() and (path / METRICS_FILE).is_file():

@@ -1,7 +1,7 @@
 """Checkpoints with orbax: `<workdir>/checkpoints/<step>`, one manager keeping the last few and the best.
 
 orbax's preservation policies decide what stays: the newest `keep` steps (LatestN) and the
-step of the best validation WA (BestN over the 'metrics' item, which only an epoch end that
+step of the best validation WA (BestN over the 'metrics' item, whose WA only an epoch end that
 set a new best carries: the first epoch to reach a WA stays the best). Each checkpoint (a
 step directory) holds these items:
 - 'variables': {'params', 'batch_stats', 'gar'}: all evaluate/predict need;
@@ -15,7 +15,7 @@ step directory) holds these items:
 - 'model' (JSON): {'architecture', 'class_names', 'dataset', 'image_size'}, so a model
   can be rebuilt from the checkpoint alone (`load_model_from_checkpoint`, in
   arm_jax.training.checkpoint_reading, which reads it without importing orbax);
-- 'metrics' (JSON, orbax's own): {'val_wa'} of a new best.
+- 'metrics' (JSON, orbax's own): {'val_wa'} of a new best, {} for the others.
 Checkpoints of arm-jax 0.1 before this layout (`checkpoints/latest/<step>`, `checkpoints/best/<step>`)
 are read by evaluate, predict and serve, but not resumed.
 """
@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
+import math
 import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -92,15 +93,20 @@ class Progress:
 BEST_METRIC = "val_wa"
 
 
+def _best_metric(metrics: dict) -> float:
+    """A step's validation WA if it was a new best, else -inf (a step without metrics would make
+    orbax warn at every save)."""
+    return metrics.get(BEST_METRIC, -math.inf)
+
+
 def _manager(directory: Path, keep: int, *, create: bool) -> ocp.CheckpointManager:
-    """The newest `keep` steps and the best one (the only steps with metrics are new bests)."""
-    best = ocp.checkpoint_managers.BestN(get_metric_fn=lambda metrics: metrics[BEST_METRIC], n=1,
-                                         keep_checkpoints_without_metrics=False)
+    """The newest `keep` steps and the best one (the only steps with a WA in their metrics are new bests)."""
+    best = ocp.checkpoint_managers.BestN(get_metric_fn=_best_metric, n=1)
     policy = ocp.checkpoint_managers.AnyPreservationPolicy([ocp.checkpoint_managers.LatestN(keep), best])
     # best_fn too: orbax writes a step's metrics (and reads them back when it reopens, for the
     # policy) only where a best_fn is set.
-    options = ocp.CheckpointManagerOptions(create=create, preservation_policy=policy,
-                                           best_fn=lambda metrics: metrics[BEST_METRIC], best_mode="max")
+    options = ocp.CheckpointManagerOptions(create=create, preservation_policy=policy, best_fn=_best_metric,
+                                           best_mode="max")
     return ocp.CheckpointManager(directory.absolute(), options=options,
                                  item_names=_ARRAY_ITEMS + _JSON_ITEMS + (_DATA_ITEM,))
 
@@ -134,8 +140,6 @@ class Checkpoints:
                             "--workdir")
         self.keep = keep
         self._open()
-        _filter_orbax_reports(True)
-        self._closed = False
         self._writing: int | None = None  # the step of a save that may be in flight
         self._restored: int | None = None  # the step restore_latest returned
         self._thread: ThreadPoolExecutor | None = None  # runs `save_in_background`'s jobs
@@ -206,7 +210,7 @@ class Checkpoints:
         self._wait_for_save()
         try:
             self.manager.save(step, args=ocp.args.Composite(**items),
-                              metrics={BEST_METRIC: progress.best_wa} if best else None)
+                              metrics={BEST_METRIC: progress.best_wa} if best else {})
         except Exception as err:
             self._raise_if_no_space(err, step)
             raise
@@ -292,12 +296,7 @@ class Checkpoints:
             raise
 
     def close(self) -> None:
-        try:
-            self._close_manager()
-        finally:
-            if not self._closed:
-                self._closed = True
-                _filter_orbax_reports(False)
+        self._close_manager()
 
     def _close_manager(self) -> None:
         try:
@@ -316,7 +315,7 @@ class Checkpoints:
         intact = [s for s in self.manager.all_steps() if s != step]
         kept = (f"the checkpoints of steps {', '.join(map(str, sorted(intact)))} are intact"
                 if intact else "no older checkpoint exists")
-        _NoSpaceReportedOnce.raised = True
+        OrbaxReportFilter.raised = True
         raise UserError(f"{where}: no space left on the device while saving this checkpoint "
                         f"({_describe(err)}); {kept}. Free space (or move --workdir) and run the "
                         "same command again to resume") from err
@@ -339,16 +338,11 @@ def _is_no_space(err: BaseException | None) -> bool:
 _SHUTDOWN_TEXT = "cannot schedule new futures after shutdown"
 
 
-# orbax's warning for each save without metrics while a best is tracked: by design here (only a
-# new best carries metrics, see the module doc), so not the user's concern.
-_NO_METRICS_TEXT = "did not provide metrics"
-
-
-class _NoSpaceReportedOnce(logging.Filter):
-    """Drops orbax's ERROR records (each with a traceback, ~300 lines in all) for a write that
-    found no room: `Checkpoints` raises that failure once, as a UserError naming the step.
-    After that, also the shutdown reports of orbax's threads that the exit interrupts. And the
-    warning of every save that is not a new best (`_NO_METRICS_TEXT`)."""
+class OrbaxReportFilter(logging.Filter):
+    """For an application's logging (the `arm-jax` command puts it on absl's logger, orbax's; the
+    library changes no logger): drops orbax's ERROR records (each with a traceback, ~300 lines in
+    all) for a write that found no room, which `Checkpoints` raises once, as a UserError naming
+    the step; after that, also the shutdown reports of orbax's threads that the exit interrupts."""
 
     raised = False  # set when Checkpoints raised the no-space UserError
 
@@ -358,25 +352,9 @@ class _NoSpaceReportedOnce(logging.Filter):
             message = record.getMessage()
         except Exception:  # noqa: BLE001 -- a malformed record is the handler's to report, not ours
             return True
-        if _is_no_space(error) or any(text in message for text in _NO_SPACE_TEXT) or _NO_METRICS_TEXT in message:
+        if _is_no_space(error) or any(text in message for text in _NO_SPACE_TEXT):
             return False
         return not (self.raised and (_SHUTDOWN_TEXT in message or _SHUTDOWN_TEXT in str(error)))
-
-
-# One filter for the process, on absl's logger (orbax's) only while a `Checkpoints` is open:
-# another program's own orbax saves in the same process keep all their messages.
-_ABSL_FILTER = _NoSpaceReportedOnce()
-_open_checkpoints = 0
-
-
-def _filter_orbax_reports(on: bool) -> None:
-    global _open_checkpoints
-    _open_checkpoints += 1 if on else -1
-    absl_logger = logging.getLogger("absl")
-    if on and _open_checkpoints == 1:
-        absl_logger.addFilter(_ABSL_FILTER)
-    elif not on and _open_checkpoints == 0 and not _NoSpaceReportedOnce.raised:
-        absl_logger.removeFilter(_ABSL_FILTER)  # after a no-space error it stays: the exit is near
 
 
 def _free_name(path: Path, suffix: str) -> Path:

@@ -247,10 +247,9 @@ class _PaddedSource:
         return len(self._split) + 2
 
     def __getitem__(self, key: int) -> dict[str, Any]:
-        markers = {len(self._split) + 2 + sampling.PAD: "padding", len(self._split) + 2 + sampling.BLANK: "blank"}
-        if key in markers:
-            return {markers[key]: np.bool_(True)}
-        return self._split[key]
+        if key < len(self._split):
+            return self._split[key]
+        return {"padding" if key - len(self) == sampling.PAD else "blank": np.bool_(True)}
 
     def __repr__(self) -> str:
         # grain refuses to restore a state whose source repr differs: the default repr

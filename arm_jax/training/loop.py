@@ -270,44 +270,51 @@ def _check_loss(run: Run, fetched: tuple[float, int] | None) -> None:
                     "Lower --lr, or check the data.")
 
 
-def train_epoch(run: Run, state, progress: Progress, stop: StopRequest, batches: TrainBatches,
-                validation: ValidationBatches, actions: Sequence[Action], timings: Timings):
-    """One epoch (or its rest, when resuming mid-epoch). Returns (state, progress, stopped).
+class _Epoch:
+    """One epoch's running sums and position in the data: what a mid-epoch checkpoint saves."""
 
-    After each step run the `actions`, then the epoch's own: a checkpoint every
-    config.checkpoint_every_steps batches, and the step's `timings`.
-    """
-    epoch, start = progress.epoch, progress.batches_done
-    sums = _Sums(progress.sums, run.par.fetch)
+    def __init__(self, run: Run, progress: Progress, batches: TrainBatches):
+        self.run, self.start, self.batches = run, progress, batches
+        self.sums = _Sums(progress.sums, run.par.fetch)
 
-    def checkpoint(state, batches_done: int) -> None:
-        _check_loss(run, sums.flush())  # never save a state whose loss has not been checked
-        loader, data_state = batches.position()
-        at = dataclasses.replace(progress, batches_done=batches_done, data_loader=loader, sums=sums.values)
-        run.ckpt.save(run.par.host_state(state), at, run.model_info, data_state=data_state)
+    def push(self, metrics, step: int) -> None:
+        """Hold this step's metrics; fetch and check the previous step's."""
+        _check_loss(self.run, self.sums.push(metrics, step))
 
-    times = StepTimes(timings, batches, epoch)
-    every_step = (*actions, MidEpochCheckpoints(run.ckpt, run.config.checkpoint_every_steps, run.steps_per_epoch,
-                                                checkpoint), times)  # times last: a step's time includes the others
-    batch_index = start
-    with _progress_bar(run, epoch, start) as bar:
+    def flush(self) -> None:
+        """Fetch and check the last step's metrics."""
+        _check_loss(self.run, self.sums.flush())
+
+    def progress(self, batches_done: int) -> Progress:
+        return dataclasses.replace(self.start, batches_done=batches_done, sums=self.sums.values)
+
+    def save(self, state, batches_done: int) -> None:
+        """A checkpoint of the position after `batches_done` batches (never of a state whose loss is unchecked)."""
+        self.flush()
+        loader, data_state = self.batches.position()
+        at = dataclasses.replace(self.progress(batches_done), data_loader=loader)
+        self.run.ckpt.save(self.run.par.host_state(state), at, self.run.model_info, data_state=data_state)
+
+
+def train_epoch(run: Run, state, epoch: _Epoch, stop: StopRequest, validation: ValidationBatches,
+                actions: Sequence[Action]):
+    """The epoch's training steps (its rest, when resuming mid-epoch), each followed by the `actions`,
+    until the epoch ends or a stop is requested. Returns (state, batches done); the last step's
+    metrics are still to be fetched (`epoch.flush`)."""
+    index, batch_index = epoch.start.epoch, epoch.start.batches_done
+    with _progress_bar(run, index, batch_index) as bar:
         while batch_index < run.steps_per_epoch and stop.signum is None:
             if run.steps_per_epoch - batch_index <= validation.LEAD_STEPS:
                 validation.prepare()  # so that validation batches are ready when the last step is
-            batch = batches.next(epoch)
+            batch = epoch.batches.next(index)
             state, metrics = run.train_step(state, run.par.put_batch(batch), run.step_key)
             batch_index += 1
-            step = epoch * run.steps_per_epoch + batch_index
-            _check_loss(run, sums.push(metrics, step))  # the previous step's metrics, fetched now
-            for action in every_step:
+            step = index * run.steps_per_epoch + batch_index
+            epoch.push(metrics, step)  # the previous step's metrics are fetched now, not before this dispatch
+            for action in actions:
                 action(step, state)
             bar.update(1)
-        with times.last_fetch():
-            _check_loss(run, sums.flush())
-    stopped = stop.signum is not None and batch_index < run.steps_per_epoch
-    if stopped:
-        checkpoint(state, batch_index)
-    return state, dataclasses.replace(progress, batches_done=batch_index, sums=sums.values), stopped
+    return state, batch_index
 
 
 def _progress_bar(run: Run, epoch: int, start: int) -> tqdm:
@@ -388,9 +395,16 @@ def _train(config: TrainConfig, after_step, timings: Timings) -> dict:
             while progress.epoch < config.epochs:
                 epoch = progress.epoch
                 t0 = time.perf_counter()
-                state, progress, stopped = train_epoch(run, state, progress, stop, batches, validation, actions,
-                                                       timings)
-                if stopped:
+                this_epoch, times = _Epoch(run, progress, batches), StepTimes(timings, batches, epoch)
+                every_step = [*actions, MidEpochCheckpoints(run.ckpt, config.checkpoint_every_steps,
+                                                            run.steps_per_epoch, this_epoch.save),
+                              times]  # times last: a step's time includes the other actions'
+                state, done = train_epoch(run, state, this_epoch, stop, validation, every_step)
+                with times.last_fetch():
+                    this_epoch.flush()
+                progress = this_epoch.progress(done)
+                if stop.signum is not None and done < run.steps_per_epoch:
+                    this_epoch.save(state, done)
                     return _interrupted(run, stop, progress, started)
                 train_seconds = time.perf_counter() - t0
                 validating = time.perf_counter()

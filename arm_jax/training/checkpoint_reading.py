@@ -1,14 +1,15 @@
 """Reading a trained model out of a training checkpoint, for evaluate, predict and serve.
 
 Which step (`checkpoints/<step>`): for 'best' the step of the best validation WA (the steps
-with orbax's 'metrics' item are the new bests), then the others newest first, as fallbacks
+whose orbax metrics hold a WA are the new bests), then the others newest first, as fallbacks
 (`_first_intact`); for 'latest' the newest first. The layout of arm-jax 0.1 before one
-manager (`checkpoints/latest/<step>`, `checkpoints/best/<step>`) is read alike. Its 'model' JSON item and its 'variables' are read straight from
-the files orbax (0.12) writes: the JSON file, and each array with tensorstore from the
-OCDBT store the item's `_METADATA` describes. Importing orbax and restoring through it
-took about 1 s of the 2.5 s `predict` needs on a 2-core machine; a layout this
-module does not know (another orbax version's) is handed to orbax, and the tests hold
-both readers to the same arrays, bit for bit (tests/test_predict_caches.py).
+manager (`checkpoints/latest/<step>`, `checkpoints/best/<step>`) is read alike. The step's
+'model' JSON item and its 'variables' are read straight from the files orbax (0.12) writes:
+the JSON file, and each array with tensorstore from the OCDBT store the item's `_METADATA`
+describes. Importing orbax and restoring through it took about 1 s of the 2.5 s `predict`
+needs on a 2-core machine; a layout this module does not know (another orbax version's) is
+handed to orbax, and the tests hold both readers to the same arrays, bit for bit
+(tests/test_predict_caches.py).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def read_variables(item: Path, abstract: Any) -> dict | None:
     return tree
 
 
-METRICS_FILE = "metrics/metrics"  # orbax's item of a step's metrics, and its file (only new bests have one)
+METRICS_FILE = "metrics/metrics"  # orbax's item of a step's metrics, and its file (a WA in new bests only)
 
 
 def best_steps(directory: Path) -> list[int]:
@@ -124,9 +125,8 @@ def _steps_to_try(path: str | Path, which: str) -> list[tuple[Path, int]]:
         directories.append(directory.parent / "latest")  # if no best is intact, the newest
     found = [(d, int(p.name)) for d in directories if d.is_dir() for p in d.iterdir()
              if p.name.isdigit() and p.is_dir()]  # orbax's finished step directories
-    best = best_steps(directory) if which == "best" and directory.name != "best" else []
-    found.sort(key=lambda item: (item[0] != directory, item[1] not in best,
-                                 best.index(item[1]) if item[1] in best else -item[1]))
+    rank = {step: i for i, step in enumerate(best_steps(directory))} if which == "best" else {}
+    found.sort(key=lambda item: (item[0] != directory, rank.get(item[1], len(rank)), -item[1]))
     if not found:
         raise UserError(f"{directory}: holds no checkpoint (looked for '{which}' under {path})")
     return found

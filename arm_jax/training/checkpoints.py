@@ -224,7 +224,7 @@ class Checkpoints:
     def best_step(self) -> int | None:
         """The kept step of the best validation WA (None before the first epoch end)."""
         self._finish_job()
-        return best_steps(self.root)[0] if best_steps(self.root) else None
+        return next(iter(best_steps(self.root)), None)
 
     def restore_latest(self, target: TrainState) -> tuple[TrainState, Progress] | None:
         """The newest intact checkpoint as (numpy state, progress), or None if there is none.

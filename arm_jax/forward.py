@@ -20,14 +20,14 @@ from arm_jax.models import ARMResNet18, with_runtime
 
 
 def apply_to_images(model: ARMResNet18, variables: dict[str, Any], images: jax.Array, *,
-                    erase: jax.Array | None = None, train: bool = False, **apply_kwargs):
+                    augment_keys: jax.Array | None = None, train: bool = False, **apply_kwargs):
     """`model.apply` on uint8 (N, H, W, C) images of any size, C 1 or 3.
 
-    Resized to the model's size and normalised on the device; `erase` (N, 4) boxes
-    (training's RandomErasing, after normalisation as in the released code) are zeroed,
+    Resized to the model's size and normalised on the device; with `augment_keys` (N,) the
+    released train transform (flip or noise, RandomErasing) is drawn from each image's key,
     none by default. `apply_kwargs` (mutable, rngs) go to flax's apply as they are.
     """
-    x = device_preprocess(images, erase, image_size=model.image_size, dtype=model.dtype)
+    x = device_preprocess(images, image_size=model.image_size, augment_keys=augment_keys, dtype=model.dtype)
     return model.apply(variables, x, train=train, **apply_kwargs)
 
 

@@ -5,8 +5,8 @@
 FER2013 format: 48x48x1 uint8 records held in memory. RAF-DB format: 100x100x3 JPEGs
 written to a temporary folder and decoded in __getitem__ by the readers' decoder
 (`arm_jax.data.base.decode_image`, what a RAF-DB split does). Each configuration
-runs one training epoch (flip/noise, erasing boxes, batching); the clock starts at the
-first batch, so worker start-up is reported apart from throughput.
+runs one training epoch (read, staging, batching: the augmentation is the device's); the
+clock starts at the first batch, so worker start-up is reported apart from throughput.
 
     python scripts/benchmark_data.py --datasets [--records 2048] [--markdown]
 
@@ -14,8 +14,16 @@ measures instead every data set as distributed (written by tests/fixtures.py's w
 realistic sizes: FER2013 48x48 grey, RAF-DB 100x100 JPEG, AffectNet photos of 400-700 px a
 side with face boxes, the re-release's 224 px JPEGs), read raw and after `arm-jax prepare`:
 one epoch with one grain worker process, the host CPU per training image (decode, crop,
-augmentation, batching, hand-over) as microseconds, images/s, and the cores that 15,000
-images/s (one H100-class GPU training ResNet-18) would need.
+staging, batching, hand-over) as microseconds, images/s, and the cores that 15,000
+images/s (one H100-class GPU training ResNet-18) would need; then where one image's
+microseconds go: reading it (`split[i]`: decode, crop), staging it, and the rest (grain's
+per-record work, batching, the hand-over from the worker).
+
+    python scripts/benchmark_data.py --step [--image-size 112] [--markdown]
+
+times the training step with the augmentation on the device and without any (the step of
+`arm-jax train` on ARM-ResNet-18, batch 32, RAF-DB-sized 100x100 images resized in the
+step), interleaved in one process: what moving flip, noise and erasing onto the device costs.
 """
 
 import argparse
@@ -29,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from arm_jax.data import pipeline, sampling, transforms
+from arm_jax.data import pipeline
 from arm_jax.data.base import decode_image
 
 import results_table  # scripts/, beside this file
@@ -90,13 +98,13 @@ def make_splits(records: int, folder: Path):
     return fer, JpegSplit(paths, labels, "raf_db-format")
 
 
-def run_epoch(split, *, workers: int, resize_on: str, batch_size: int, image_size: int):
+def run_epoch(split, *, workers: int, batch_size: int, image_size: int):
     """Start-up s, images/s after the first batch (wall, and per CPU-s of this process),
     and the bytes one image ships to the device."""
     start = time.perf_counter()
     loader = pipeline.make_loader(split, batch_size=batch_size, seed=0, epoch=0, train=True,
                                   image_size=image_size, worker_count=workers,
-                                  shard_index=0, shard_count=1, resize_on=resize_on)
+                                  shard_index=0, shard_count=1)
     iterator = pipeline.read_through(loader)  # closed at the end: no shared memory left behind
     first = next(iterator)
     ready, cpu_ready = time.perf_counter(), time.process_time()
@@ -105,26 +113,19 @@ def run_epoch(split, *, workers: int, resize_on: str, batch_size: int, image_siz
     return ready - start, images / wall, images / cpu, first["image"][0].nbytes
 
 
-def host_costs(split, image_size: int, repeats: int = 300) -> dict[str, float]:
-    """CPU microseconds per record of each host step (process time: robust to other load)."""
-    rng = np.random.default_rng(0)
-    image = split[0]["image"]
-    steps = {
-        "read (decode)": lambda: split[0],
-        "record rng": lambda: sampling.record_rng(0, 0, 1),
-        "flip": lambda: transforms.flip_horizontal(image),
-        "noise": lambda: transforms.add_gaussian_noise(image, rng),
-        "erase box": lambda: transforms.sample_erase_box(rng, image_size),
-        f"host resize to {image_size}x{image_size}x3": lambda: pipeline.StageImage(
-            (image_size, image_size, 3))(image),
-    }
-    costs = {}
-    for name, step in steps.items():
-        start = time.process_time()
-        for _ in range(repeats):
-            step()
-        costs[name] = (time.process_time() - start) / repeats * 1e6
-    return costs
+def host_costs(split, image_size: int, records: int = 300) -> dict[str, float]:
+    """CPU microseconds per record of reading (split[i]: decode, crop) and of staging (the loader's
+    StageImage), over the first `records` records (process time: robust to other load)."""
+    stage = pipeline.StageImage(pipeline._staging_shape(split, image_size, None))
+    indices = range(min(records, len(split)))
+    start = time.process_time()
+    images = [split[i]["image"] for i in indices]
+    read = time.process_time() - start
+    start = time.process_time()
+    for image in images:
+        stage(image)
+    staged = time.process_time() - start
+    return {"read": read / len(images) * 1e6, "stage": staged / len(images) * 1e6}
 
 
 # The rate one GPU of the H100 class trains ResNet-18 + ARM at (issue 25's target).
@@ -180,47 +181,112 @@ LAYOUTS = ("fer2013", "ferplus", "fer2013_folder", "raf_db", "affectnet_csv", "a
 
 
 def measure_datasets(args) -> list[dict]:
-    """One row per layout: raw and prepared, with one worker process."""
+    """One row per layout: raw and prepared, with one worker process, and where the time goes."""
     import tensorflow_datasets as tfds
 
     from arm_jax.data import open_split
     from arm_jax.data.prepared import PreparedSplit, prepare
+    from arm_jax.data.sources import decode_size_hint
 
     tfds.disable_progress_bar()
 
     stamp, rows = results_table.stamp(), []
     print(f"\n| data set | read | us per image | images/s per worker | cores for {GPU_IMAGES_PER_S:,} images/s "
-          "| start-up s |\n|---|---|---|---|---|---|")
+          "| read us | stage us | rest us | start-up s |\n|---|---|---|---|---|---|---|---|---|")
     for layout in LAYOUTS:
         with tempfile.TemporaryDirectory(prefix=f"benchmark-data-{layout}-") as folder:
             root, tfds_dir = Path(folder) / "data", Path(folder) / "tfds"
             dataset = write_dataset(layout, root, args.records, np.random.default_rng(0))
             prepare(dataset, root, tfds_data_dir=tfds_dir)
-            cells = {}  # read -> (us per image, images/s, cores for GPU_IMAGES_PER_S)
+            cells = {}  # read -> (us per image, images/s, cores for GPU_IMAGES_PER_S, read, stage, rest)
             for read in ("raw", "prepared"):
-                split = open_split(dataset, root, "train", prepared=read == "prepared", tfds_data_dir=tfds_dir)
+                # As training opens it: data sets of many image sizes decode at the model's size.
+                split = open_split(dataset, root, "train", prepared=read == "prepared", tfds_data_dir=tfds_dir,
+                                   image_size_hint=decode_size_hint(dataset, args.image_size))
                 assert isinstance(split, PreparedSplit) == (read == "prepared"), (layout, read)
-                startup, rate, _, _ = run_epoch(split, workers=1, resize_on="device",
-                                                batch_size=args.batch_size, image_size=args.image_size)
-                cells[read] = (f"{1e6 / rate:.0f}", f"{rate:,.0f}", str(math.ceil(GPU_IMAGES_PER_S / rate)))
+                startup, rate, _, _ = run_epoch(split, workers=1, batch_size=args.batch_size,
+                                                image_size=args.image_size)
+                costs = host_costs(split, args.image_size)
+                rest = 1e6 / rate - costs["read"] - costs["stage"]
+                cells[read] = (f"{1e6 / rate:.0f}", f"{rate:,.0f}", str(math.ceil(GPU_IMAGES_PER_S / rate)),
+                               f"{costs['read']:.0f}", f"{costs['stage']:.0f}", f"{rest:.0f}")
                 print(f"| {layout} | {read} | {' | '.join(cells[read])} | {startup:.1f} |", flush=True)
-        columns = ("us per image, raw / prepared", "images/s per worker", f"cores for {GPU_IMAGES_PER_S:,} images/s")
+        columns = ("us per image, raw / prepared", "images/s per worker", f"cores for {GPU_IMAGES_PER_S:,} images/s",
+                   "read us", "stage us", "rest us")
         rows.append({**stamp, "run": f"{len(split)} records, batch {args.batch_size}, {args.image_size} px, 1 worker",
                      "data set": layout,
                      **{name: f"{cells['raw'][i]} / {cells['prepared'][i]}" for i, name in enumerate(columns)}})
     return rows
 
 
+def measure_step(args) -> list[dict]:
+    """The training step with the device augmentation and without any, interleaved: seconds per step."""
+    sys.path.insert(0, str(REPO))
+    import arm_jax
+
+    arm_jax.configure_cpu()
+    import jax
+
+    from arm_jax.interop.pretrained import init_variables
+    from arm_jax.models import ARMResNet18
+    from arm_jax.models.resnet import largest_activation_bytes
+    from arm_jax.training.config import TrainConfig
+    from arm_jax.training.optim import make_optimizer
+    from arm_jax.training.state import TrainState
+    from arm_jax.training.steps import make_train_step
+    from arm_jax.xla_flags import training_compiler_options
+
+    batch, size, native = 32, args.image_size, 100
+    model = ARMResNet18(num_classes=len(CLASSES), image_size=size)
+    variables = init_variables(model, jax.random.key(0))
+    tx = make_optimizer(TrainConfig(), steps_per_epoch=100)
+    state = TrainState.create(variables, tx)
+    rng = np.random.default_rng(0)
+    images = _faces(rng, batch, native, 3)
+    data = {"image": images, "label": np.arange(batch, dtype=np.int32) % len(CLASSES),
+            **pipeline.batch_positions(0, 0, batch_size=batch, shard_index=0, shard_count=1)}
+    options = training_compiler_options(largest_activation_bytes(batch, size))
+    steps = {name: jax.jit(make_train_step(model, tx, augment=augment), compiler_options=options)
+             for name, augment in (("without augmentation", False), ("augmentation on the device", True))}
+    times = {name: [] for name in steps}
+    for round_ in range(args.rounds + 2):  # two warm-up rounds
+        for name, step in steps.items():
+            begin = time.perf_counter()
+            jax.block_until_ready(step(state, data, jax.random.key(1)))
+            if round_ >= 2:
+                times[name].append(time.perf_counter() - begin)
+    median = {name: float(np.median(t)) for name, t in times.items()}
+    growth = median["augmentation on the device"] / median["without augmentation"] - 1
+    print(f"training step, batch {batch}, {native}x{native}x3 images resized to {size} px, median of {args.rounds} "
+          "interleaved rounds:")
+    for name, seconds in median.items():
+        print(f"  {name}: {seconds * 1e3:.1f} ms ({batch / seconds:.1f} images/s)")
+    print(f"  the augmentation adds {growth:+.1%}; load average {os.getloadavg()[0]:.1f}")
+    return [{**results_table.stamp(), "run": f"batch {batch}, {native} px images, {size} px, {args.rounds} rounds",
+             "without augmentation ms": f"{median['without augmentation'] * 1e3:.1f}",
+             "augmentation on the device ms": f"{median['augmentation on the device'] * 1e3:.1f}",
+             "growth": f"{growth:+.1%}"}]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=None, help="training records (default 6144; 2048 with --datasets)")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--image-size", type=int, default=None, help="default 224 (112 with --step)")
     parser.add_argument("--workers", default="0,1,2")
     parser.add_argument("--datasets", action="store_true",
                         help="every data set as distributed, raw and prepared, with one worker (see above)")
+    parser.add_argument("--step", action="store_true", help="the training step with and without the augmentation")
+    parser.add_argument("--rounds", type=int, default=15, help="--step: interleaved rounds (median)")
     results_table.add_option(parser)
     args = parser.parse_args()
+    if args.step:
+        args.image_size = args.image_size or 112
+        rows = measure_step(args)
+        if args.markdown:
+            results_table.write_rows(args.markdown, "benchmark_data step", rows)
+        return
+    args.image_size = args.image_size or 224
     if args.datasets:
         args.records = args.records or 2048
         rows = measure_datasets(args)
@@ -234,33 +300,27 @@ def main():
           f"batch {args.batch_size}, image_size {args.image_size}; "
           f"load average {os.getloadavg()[0]:.1f} (other processes share these cores)")
     stamp, run = results_table.stamp(), f"{args.records} records, batch {args.batch_size}, {args.image_size} px"
-    cost_rows, rate_rows = [], []
+    rate_rows = []
     with tempfile.TemporaryDirectory() as folder:
         splits = make_splits(args.records, Path(folder))
         print("\nCPU us per record on the host:")
         for split in splits:
             costs = host_costs(split, args.image_size)
             print(f"  {split.name}: " + ", ".join(f"{k} {v:.0f}" for k, v in costs.items()))
-            cost_rows.append({**stamp, "run": f"{split.name}, {args.image_size} px",
-                              **{f"{k.split(' to ')[0]} us": f"{v:.0f}" for k, v in costs.items()}})
-        print("\n| input | resize_on | workers | bytes/image | start-up s | images/s total "
+        print("\n| input | workers | bytes/image | start-up s | images/s total "
               "| images/s per worker | images per CPU-s of the main process |\n"
-              "|---|---|---|---|---|---|---|---|")
+              "|---|---|---|---|---|---|---|")
         for split in splits:
-            for resize_on in ("device", "host"):
-                for w in workers:
-                    startup, rate, cpu_rate, nbytes = run_epoch(
-                        split, workers=w, resize_on=resize_on, batch_size=args.batch_size,
-                        image_size=args.image_size)
-                    print(f"| {split.name} | {resize_on} | {w} | {nbytes} | {startup:.1f} "
-                          f"| {rate:.0f} | {rate / max(w, 1):.0f} | {cpu_rate:.0f} |", flush=True)
-                    rate_rows.append({**stamp, "run": run, "input": split.name, "resize on": resize_on,
-                                      "workers": str(w), "images/s": f"{rate:,.0f}",
-                                      "images/s per worker": f"{rate / max(w, 1):,.0f}",
-                                      "start-up s": f"{startup:.1f}"})
+            for w in workers:
+                startup, rate, cpu_rate, nbytes = run_epoch(
+                    split, workers=w, batch_size=args.batch_size, image_size=args.image_size)
+                print(f"| {split.name} | {w} | {nbytes} | {startup:.1f} "
+                      f"| {rate:.0f} | {rate / max(w, 1):.0f} | {cpu_rate:.0f} |", flush=True)
+                rate_rows.append({**stamp, "run": run, "input": split.name, "workers": str(w),
+                                  "images/s": f"{rate:,.0f}", "images/s per worker": f"{rate / max(w, 1):,.0f}",
+                                  "start-up s": f"{startup:.1f}"})
         print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     if args.markdown:
-        results_table.write_rows(args.markdown, "benchmark_data host", cost_rows)
         results_table.write_rows(args.markdown, "benchmark_data", rate_rows)
 
 

@@ -127,7 +127,7 @@ def run_pipeline(sizes: dict, out_dir: Path, workers: int) -> dict:
     from arm_jax.data.base import Subset
 
     def images_per_s(split) -> float:
-        _, rate, _, _ = benchmark_data.run_epoch(split, workers=workers, resize_on="device",
+        _, rate, _, _ = benchmark_data.run_epoch(split, workers=workers,
                                                  batch_size=sizes["train_batch"], image_size=sizes["image_size"])
         return rate
 

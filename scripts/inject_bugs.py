@@ -31,6 +31,7 @@ LOOP = ("tests/test_train_small.py",)
 CHECKPOINTS = ("tests/test_checkpoint.py", "tests/test_train_small.py")
 PRECISION = ("tests/test_batchnorm.py", "tests/test_steps.py", "tests/test_train_small.py")
 DATA = ("tests/test_pipeline.py", "tests/test_sampling.py", "tests/test_feed.py", "tests/test_train_small.py")
+AUGMENTATION = ("tests/test_transforms.py", "tests/test_steps.py", "tests/test_train_small.py")
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,20 @@ BUGS = (
         "arm_jax/data/pipeline.py",
         'return batch if rows == len(batch["label"]) else {key: value[:rows] for key, value in batch.items()}',
         "return batch", DATA),
+    # Augmentation, on the device.
+    Bug("augment-noise-variance-20", "Gaussian noise of variance 20, not 30", "arm_jax/data/transforms.py",
+        "noise = jax.random.normal(noise_key, image.shape) * math.sqrt(variance)",
+        "noise = jax.random.normal(noise_key, image.shape) * math.sqrt(20.0)", AUGMENTATION),
+    Bug("augment-p-0.6", "flip or noise applied with probability 0.6, not 0.5", "arm_jax/data/transforms.py",
+        "augmented = jax.random.uniform(apply_key) < BASIC_AUG_P", "augmented = jax.random.uniform(apply_key) < 0.6",
+        AUGMENTATION),
+    Bug("augment-flip-only", "the basic augmentation always flips, never noises", "arm_jax/data/transforms.py",
+        "flip = jax.random.bernoulli(which_key)", "flip = True", AUGMENTATION),
+    Bug("augment-epoch-ignored", "a record draws the same augmentation every epoch", "arm_jax/data/transforms.py",
+        "jax.random.fold_in(jax.random.fold_in(root, epoch), position)", "jax.random.fold_in(root, position)",
+        AUGMENTATION),
+    Bug("augment-erase-sides-swapped", "the erasing box's height and width swapped", "arm_jax/data/transforms.py",
+        "jnp.stack([top, left, height, width])", "jnp.stack([top, left, width, height])", AUGMENTATION),
 )
 
 

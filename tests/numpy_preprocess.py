@@ -2,12 +2,45 @@
 
 `arm_jax.data.transforms.device_preprocess` (through `arm_jax.forward`) is the one the package
 runs; this one is written from the definitions (jax.image.resize's bilinear convention,
-ImageNet's mean and std, torchvision's RandomErasing after Normalize) to check it.
+ImageNet's mean and std, torchvision's RandomErasing after Normalize) to check it. The released
+train transform is written here too, per image with a numpy generator as the released code
+draws it (its basic augmentation, torchvision's RandomErasing.get_params): the device's draws are
+checked against its statistics.
 """
+
+import math
 
 import numpy as np
 
-from arm_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from arm_jax.data.transforms import (BASIC_AUG_P, ERASE_ATTEMPTS, ERASE_P, ERASE_RATIO, ERASE_SCALE,
+                                     IMAGENET_MEAN, IMAGENET_STD, NOISE_VARIANCE)
+
+
+def flip_or_noise(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The released basic augmentation of one (H, W, C) uint8 image: with p 0.5, a horizontal flip
+    or Gaussian noise (variance 30, clipped, rounded as arm-jax rounds), equally likely."""
+    if rng.random() >= BASIC_AUG_P:
+        return image
+    if rng.integers(2) == 0:
+        return np.ascontiguousarray(image[:, ::-1])
+    noisy = image + rng.normal(0.0, math.sqrt(NOISE_VARIANCE), image.shape)
+    return np.rint(np.clip(noisy, 0.0, 255.0)).astype(np.uint8)
+
+
+def sample_erase_box(rng: np.random.Generator, image_size: int) -> np.ndarray:
+    """torchvision RandomErasing.get_params on an image_size square, as the released code configures
+    it: (top, left, height, width) int32, all zeros for no erasing."""
+    if rng.random() >= ERASE_P:
+        return np.zeros(4, np.int32)
+    area = image_size * image_size
+    for _ in range(ERASE_ATTEMPTS):
+        erase_area = area * rng.uniform(*ERASE_SCALE)
+        aspect = math.exp(rng.uniform(math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1])))
+        h, w = int(round(math.sqrt(erase_area * aspect))), int(round(math.sqrt(erase_area / aspect)))
+        if h < image_size and w < image_size:
+            top, left = int(rng.integers(0, image_size - h + 1)), int(rng.integers(0, image_size - w + 1))
+            return np.array([top, left, h, w], np.int32)
+    return np.zeros(4, np.int32)
 
 
 def bilinear_weights(in_size: int, out_size: int) -> np.ndarray:

@@ -99,5 +99,5 @@ def test_a_closed_worker_loader_leaves_none_of_its_batches_in_shared_memory():
         validation.close()
     finally:
         gc.enable()
-    assert len(names) == 2 * 6 * 3  # image, label and erase of every batch came in shared memory
+    assert len(names) == 2 * 6 * 2  # image and label of every batch came in shared memory
     assert _segments_left(names) == []

@@ -41,12 +41,13 @@ def _within_bounds(worst: dict) -> bool:
 
 
 def _batches() -> list[dict]:
-    """The global batches: 48x48 gray images, resized to 40 inside the step; two erased."""
+    """The global batches: 48x48 gray images, resized to 40 inside the step, the records at
+    positions 8 * step ... of epoch 0 (flipped, noised and erased in the step by position)."""
     rng = np.random.default_rng(0)
     return [{"image": rng.integers(0, 256, (BATCH, 48, 48, 1), dtype=np.uint8),
              "label": rng.integers(0, CLASSES, (BATCH,), dtype=np.int32),
-             "erase": np.array([[4, 4, 10, 20], [0, 0, 5, 5]] + [[0, 0, 0, 0]] * (BATCH - 2), np.int32)}
-            for _ in range(STEPS)]
+             "epoch": np.zeros(BATCH, np.int32), "position": np.arange(step * BATCH, (step + 1) * BATCH, dtype=np.int32)}
+            for step in range(STEPS)]
 
 
 def _run_modes(modes: list[str], out_path: str) -> None:

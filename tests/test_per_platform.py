@@ -94,7 +94,7 @@ def test_training_step_exported_for_cuda_on_this_cpu_carries_no_cpu_form():
     state = jax.eval_shape(lambda: TrainState.create(init_variables(model, jax.random.key(0)), tx))
     images = {"image": jax.ShapeDtypeStruct((batch, 48, 48, 1), jnp.uint8),
               "label": jax.ShapeDtypeStruct((batch,), jnp.int32),
-              "erase": jax.ShapeDtypeStruct((batch, 4), jnp.int32)}
+              "epoch": jax.ShapeDtypeStruct((batch,), jnp.int32), "position": jax.ShapeDtypeStruct((batch,), jnp.int32)}
     rng = jax.eval_shape(lambda: jax.random.key(1))
     train_step = make_train_step(model, tx)
     texts = {}

@@ -1,10 +1,10 @@
-"""The grain loader: batch format, determinism, sharding, resume, host vs device resize."""
+"""The grain loader: batch format, determinism, sharding, resume, host staging."""
 
 import jax
 import numpy as np
 import pytest
 
-from arm_jax.data import pipeline, transforms
+from arm_jax.data import pipeline, sampling, transforms
 from arm_jax.errors import UserError
 
 
@@ -40,7 +40,7 @@ def _loader(split, **kw):
 def _same(batches_a, batches_b):
     assert len(batches_a) == len(batches_b)
     for a, b in zip(batches_a, batches_b, strict=True):
-        assert a.keys() == b.keys() == {"image", "label", "erase"}
+        assert a.keys() == b.keys() == {"image", "label"}
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
 
@@ -52,22 +52,29 @@ def test_batch_format_and_steps():
     batch = train[0]
     assert batch["image"].dtype == np.uint8 and batch["image"].shape == (8, 16, 16, 1)
     assert batch["label"].dtype == np.int32 and batch["label"].shape == (8,)
-    assert batch["erase"].dtype == np.int32 and batch["erase"].shape == (8, 4)
     evaluation = list(_loader(split, train=False))
     assert [len(b["label"]) for b in evaluation] == [8] * 7 + [4]
     assert pipeline.steps_in_epoch(split, 8, sampler="mrr", train=False) == 8
     np.testing.assert_array_equal(np.concatenate([_ids(b) for b in evaluation]), np.arange(60))
-    assert all((b["erase"] == 0).all() for b in evaluation)
 
 
-def test_training_augments_and_draws_erase_boxes():
-    batches = list(_loader(TinySplit(n=60), batch_size=4))
-    images = np.concatenate([b["image"] for b in batches])
-    marker_moved = images[:, 0, -1, 0] != images[:, 1, 1, 0]
-    flipped = marker_moved & (images[:, 0, 0, 0] == images[:, 1, 1, 0])
-    assert 0 < flipped.sum() < len(images)
-    erased = np.concatenate([b["erase"] for b in batches])[:, 2] > 0
-    assert 0 < erased.sum() < len(erased)
+@pytest.mark.parametrize("sampler", ["shuffle", "mrr"])
+def test_training_rows_are_the_records_at_their_positions_unaugmented(sampler):
+    """Row r of training batch j is, untouched (augmentation is the device's), the record that the
+    epoch's order holds at batch_positions(epoch, j)[r], for each of 3 shards: the positions the
+    device draws augmentations from name the records they were drawn for."""
+    split = TinySplit(n=61, labels=np.repeat([0, 1, 2], [25, 16, 20]))
+    for shard in range(3):
+        for epoch in (0, 2):
+            order = sampling.epoch_order(sampling.EpochLabels(split), kind=sampler, seed=5, epoch=epoch)
+            batches = list(_loader(split, sampler=sampler, seed=5, epoch=epoch, batch_size=4, shard_index=shard,
+                                   shard_count=3))
+            assert batches
+            for step, batch in enumerate(batches):
+                where = pipeline.batch_positions(epoch, step, batch_size=4, shard_index=shard, shard_count=3)
+                assert (where["epoch"] == epoch).all() and where["position"].dtype == np.int32
+                expected = np.stack([split[int(i)]["image"] for i in order[where["position"]]])
+                np.testing.assert_array_equal(batch["image"], expected)
 
 
 def test_same_seed_same_batches_and_other_seed_differs():
@@ -140,13 +147,13 @@ class TexturedSplit(TinySplit):
         return {"image": image, "label": np.int32(self.labels[i])}
 
 
-def test_host_resize_matches_device_resize_after_preprocessing():
+def test_host_staging_matches_device_resize_after_preprocessing():
     split = TexturedSplit(n=16, side=12, channels=3)
-    device = next(iter(_loader(split, train=False)))
-    host = next(iter(_loader(split, train=False, resize_on="host", image_size=20)))
+    device = next(iter(_loader(split, train=False, image_size=20)))
+    host = next(iter(_loader(split, train=False, staging_size=20, image_size=20)))
     assert device["image"].shape == (8, 12, 12, 3) and host["image"].shape == (8, 20, 20, 3)
-    a = transforms.device_preprocess(device["image"], device["erase"], image_size=20)
-    b = transforms.device_preprocess(host["image"], host["erase"], image_size=20)
+    a = transforms.device_preprocess(device["image"], image_size=20)
+    b = transforms.device_preprocess(host["image"], image_size=20)
     # Host staging rounds to uint8 (PIL's fixed-point filter): under one grey level,
     # i.e. 1/255/0.224 in normalised units; a different convention would miss by far more.
     diff = np.abs(np.asarray(a) - np.asarray(b))

@@ -148,20 +148,5 @@ def test_sampler_pickles_and_its_repr_is_stable():
         "worker_count=1)")
     first, again = sampler[5], copy[5]
     assert first.record_key == again.record_key == sampling.mrr_epoch_indices(LABELS, epoch=1, seed=2)[5]
-    assert first.rng.integers(1 << 30) == again.rng.integers(1 << 30)
     with pytest.raises(IndexError):
         sampler[len(sampler)]
-
-
-def test_record_rngs_depend_on_the_epoch_position_not_the_layout():
-    """Each (record, epoch) draws its own augmentation stream, whatever the worker count."""
-    options = dict(kind="shuffle", seed=0, first_epoch=0, last_epoch=2, batch_size=4)
-    draws = []
-    for workers in (0, 3):
-        sampler = sampling.Sampler(_Split(np.zeros(20, int)), worker_count=workers, **options)
-        per_record: dict[int, list[float]] = {}
-        for metadata in (sampler[i] for i in range(len(sampler))):
-            if metadata.record_key != sampling.PAD:
-                per_record.setdefault(metadata.record_key, []).append(metadata.rng.random())
-        draws.append({key: sorted(values) for key, values in per_record.items()})
-    assert draws[0] == draws[1] and len({v for values in draws[0].values() for v in values}) == 40

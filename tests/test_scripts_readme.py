@@ -113,7 +113,7 @@ def test_every_table_a_script_writes_is_in_scripts_readme():
         written |= set(re.findall(r'write_rows\([^,]+, "([^"]+)"', source))
         written |= {f"benchmark_model {device}" for device in ("cpu", "gpu") if 'f"benchmark_model {args.device}"' in source}
     assert {"benchmark_model cpu", "benchmark_model layers", "benchmark_e2e", "benchmark_loop", "benchmark_data",
-            "benchmark_data host", "benchmark_export", "compare_face_detectors", "gpu_check"} <= written
+            "benchmark_data datasets", "benchmark_data step", "benchmark_export", "compare_face_detectors", "gpu_check"} <= written
     assert IN_THE_README <= written
     for name in written:
         where = user_readme if name in IN_THE_README else readme

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arm_jax.data.transforms import device_preprocess
+from arm_jax.data.transforms import augmentation_keys, device_preprocess
 from arm_jax.metrics import confusion_matrix
 from arm_jax.interop.pretrained import init_variables
 from arm_jax.models import ARMResNet18
@@ -26,22 +26,28 @@ TINY_SIZE, TINY_BATCH = 16, 12  # TinyARM's input side; a batch large enough for
 TINY_CONFIG = TrainConfig(lr=1e-2)
 
 
+STEP_KEY = jax.random.key(1)  # the run's step key the tests pass to the training step
+
+
 def _tiny_setup(dtype=jnp.float32):
     """TinyARM computing in `dtype`, its float32 state at step 0, the optimiser, a batch (20 px gray
-    images, two of them with an erasing box) whose labels the test sets."""
+    images, the first 12 records of epoch 3) whose labels the test sets."""
     model = TinyARM(image_size=TINY_SIZE, dtype=dtype)
     variables = tiny_arm_variables(TinyARM(image_size=TINY_SIZE))
     tx = make_optimizer(TINY_CONFIG, steps_per_epoch=100)
     rng = np.random.default_rng(0)
-    erase = np.zeros((TINY_BATCH, 4), np.int32)
-    erase[:2] = [[2, 3, 5, 4], [0, 8, 6, 6]]
     batch = {"image": rng.integers(0, 256, (TINY_BATCH, 20, 20, 1), dtype=np.uint8),
-             "label": np.zeros(TINY_BATCH, np.int32), "erase": erase}
+             "label": np.zeros(TINY_BATCH, np.int32), "epoch": np.full(TINY_BATCH, 3, np.int32),
+             "position": np.arange(TINY_BATCH, dtype=np.int32)}
     return model, tx, TrainState.create(variables, tx), batch
 
 
-def _preprocess(batch: dict, dtype) -> jax.Array:
-    return jax.jit(functools.partial(device_preprocess, image_size=TINY_SIZE, dtype=dtype))(batch["image"], batch["erase"])
+def _preprocess(batch: dict, dtype, *, augment: bool = False) -> jax.Array:
+    """The model's input for `batch`; with `augment`, as the training step draws it: each record's
+    key from the step key's second half, its epoch and position."""
+    keys = augmentation_keys(jax.random.split(STEP_KEY)[1], batch["epoch"], batch["position"]) if augment else None
+    return jax.jit(functools.partial(device_preprocess, image_size=TINY_SIZE, dtype=dtype))(
+        batch["image"], augment_keys=keys)
 
 
 def _cross_entropy_sum(logits, labels) -> float:
@@ -68,16 +74,18 @@ def _labels_half_right(predicted: np.ndarray, right: int) -> np.ndarray:
 
 def test_train_step_sums_and_state_equal_a_second_implementation():
     """One step: loss_sum, correct and count are the batch's sums (numpy, float64); BatchNorm
-    statistics and the running GAR are the training-mode forward pass's; Adam's moments hold
-    the gradient of the MEAN cross-entropy plus the L2 term, and the parameters moved by Adam's
-    first step at the configured lr."""
+    statistics and the running GAR are the training-mode forward pass's on the augmented batch
+    (each record's draws from its epoch and position); Adam's moments hold the gradient of the
+    MEAN cross-entropy plus the L2 term, and the parameters moved by Adam's first step at the
+    configured lr."""
     model, tx, state, batch = _tiny_setup()
-    x = _preprocess(batch, model.dtype)
+    x = _preprocess(batch, model.dtype, augment=True)
+    assert not np.allclose(x, _preprocess(batch, model.dtype))  # some records were flipped, noised or erased
     forward = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats", "gar"]))
     logits, updates = forward(state.variables, x)
     batch["label"] = _labels_half_right(np.asarray(logits).argmax(-1), right=5)
 
-    new, metrics = jax.jit(make_train_step(model, tx))(state, batch, jax.random.key(1))
+    new, metrics = jax.jit(make_train_step(model, tx))(state, batch, STEP_KEY)
     assert (int(metrics["count"]), int(metrics["correct"])) == (TINY_BATCH, 5)
     assert float(metrics["loss_sum"]) == pytest.approx(_cross_entropy_sum(logits, batch["label"]), rel=1e-5)
     assert int(new.step) == 1
@@ -143,7 +151,7 @@ def _setup(dtype):
     rng = np.random.default_rng(0)
     batch = {"image": rng.integers(0, 256, (BATCH, 48, 48, 1), dtype=np.uint8),
              "label": np.arange(BATCH, dtype=np.int32) % 7,
-             "erase": np.zeros((BATCH, 4), np.int32)}
+             "epoch": np.zeros(BATCH, np.int32), "position": np.arange(BATCH, dtype=np.int32)}
     return model, tx, TrainState.create(variables, tx), batch
 
 
@@ -244,7 +252,7 @@ def test_bfloat16_full_model_step_traces_to_bf16_convolutions_and_float32_state(
     state = jax.eval_shape(lambda x: TrainState.create(
         ARMResNet18(num_classes=7, image_size=size).init(jax.random.key(0), x, train=False), tx), x)
     batch = {"image": jax.ShapeDtypeStruct((4, 48, 48, 1), jnp.uint8), "label": jax.ShapeDtypeStruct((4,), jnp.int32),
-             "erase": jax.ShapeDtypeStruct((4, 4), jnp.int32)}
+             "epoch": jax.ShapeDtypeStruct((4,), jnp.int32), "position": jax.ShapeDtypeStruct((4,), jnp.int32)}
     jaxpr = jax.make_jaxpr(make_train_step(model, tx))(state, batch, jax.random.key(1))
     convs = _conv_operand_dtypes(jaxpr.jaxpr)
     assert len(convs) >= 21 and all(operands == {"bfloat16"} for operands in convs), convs

@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from arm_jax.data.base import Subset
-from arm_jax.data.pipeline import make_loader, read_through
+from arm_jax.data.pipeline import batch_positions, make_loader, read_through
 from arm_jax.data.splits import open_split
 from arm_jax.interop import pretrained
 from arm_jax.models.resnet import largest_activation_bytes
@@ -132,7 +132,8 @@ def test_keeps_the_last_3_checkpoints_and_the_best_by_validation_wa(small_run):
 
 
 def test_trains_as_a_hand_written_loop_over_the_same_batches(small_run):
-    """The loop's run equals this loop: epoch e's batches from make_loader(epoch=e), the training
+    """The loop's run equals this loop: epoch e's batches from make_loader(epoch=e) with their
+    records' places in the epoch (pipeline.batch_positions, what augmentation is drawn from), the training
     step compiled as the loop compiles it (so the same program, bitwise), Adam's schedule at 2 steps
     an epoch; each epoch's logged train loss/accuracy are its steps' sums; validation's WA, UA
     and loss are numpy's over the predictions of the shuffled validation batches."""
@@ -152,7 +153,8 @@ def test_trains_as_a_hand_written_loop_over_the_same_batches(small_run):
     common = dict(batch_size=8, seed=data_seed, image_size=config.image_size, shard_index=0, shard_count=1)
     for epoch in range(config.epochs):
         loss_sum, correct, count = 0.0, 0, 0
-        for batch in read_through(make_loader(train_split, epoch=epoch, train=True, **common)):
+        for step, batch in enumerate(read_through(make_loader(train_split, epoch=epoch, train=True, **common))):
+            batch = {**batch, **batch_positions(epoch, step, batch_size=8, shard_index=0, shard_count=1)}
             state, metrics = train_step(state, par.put_batch(batch), step_key)
             loss_sum += float(metrics["loss_sum"])
             correct, count = correct + int(metrics["correct"]), count + int(metrics["count"])
@@ -208,6 +210,7 @@ def test_a_bfloat16_run_starts_from_float32_state_and_steps_in_bf16(tmp_path):
         assert dtypes == {"float32", "int32"}, dtypes
         batch = next(read_through(make_loader(run.train_split, batch_size=8, seed=0, epoch=0, train=True,
                                               image_size=16, shard_index=0, shard_count=1)))
+        batch = {**batch, **batch_positions(0, 0, batch_size=8, shard_index=0, shard_count=1)}
         jaxpr = run.train_step.trace(state, batch, run.step_key).jaxpr  # a top-level jit: make_jaxpr would nest it
         convs = _conv_operand_dtypes(jaxpr.jaxpr)
         assert len(convs) >= 10 and all(operands == {"bfloat16"} for operands in convs), convs

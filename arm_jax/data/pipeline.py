@@ -4,11 +4,11 @@ One builder (`make_loader`) and one sampler (`sampling.Sampler`) serve training 
 or a run's epochs from one loader whose workers start once), evaluation and validation
 (passes over the split). Batches are dicts of numpy arrays, ready for a jitted step that
 calls `arm_jax.forward.apply_to_images`:
-  'image': uint8 (B, H, W, C), native or staging size, C in {1, 3}, not normalised;
-  'label': int32 (B,);
-  'erase': int32 (B, 4) RandomErasing box (top, left, height, width) in image_size
-           coordinates; all zeros = no erasing (always zeros in evaluation).
-Training batches are whole; an evaluation pass's last batch may be short.
+  'image': uint8 (B, H, W, C), native or staging size, C in {1, 3}, not augmented, not normalised;
+  'label': int32 (B,).
+Training batches are whole; an evaluation pass's last batch may be short. The host only reads
+and stages images: training's augmentation is drawn on the device, per record, from the
+record's place in the epoch (`batch_positions`, which the training loop adds to each batch).
 """
 
 import gc
@@ -29,7 +29,6 @@ from arm_jax.data.base import resize_uint8
 from arm_jax.errors import UserError
 
 SAMPLERS = ("shuffle", "mrr")
-RESIZE_ON = ("device", "host")
 _PROBE_RECORDS = 4  # records decoded to guess whether a split has one image size
 
 
@@ -37,7 +36,7 @@ def make_loader(split, *, batch_size: int, seed: int, train: bool, image_size: i
                 epoch: int | None = None, epochs: tuple[int, int] | None = None,
                 sampler: str = "shuffle", worker_count: int = 0,
                 shard_index: int | None = None, shard_count: int | None = None,
-                resize_on: str = "device", staging_size: int | None = None,
+                staging_size: int | None = None,
                 shuffle_eval: bool = False, worker_buffer_size: int = 2,
                 read_threads: int = 0) -> grain.DataLoader:
     """A grain.DataLoader over `epoch`, or epochs [first, last) = `epochs`, of `split` (batches
@@ -46,22 +45,20 @@ def make_loader(split, *, batch_size: int, seed: int, train: bool, image_size: i
     Args:
       split: a LabelledSplit (random access, picklable; `labels`, `class_names`).
       batch_size: records per batch on this shard (process).
-      seed, epoch(s): the order, the MRR draw and every augmentation are pure functions of
-        these; the batches do not depend on worker_count.
-      train: augment (flip/noise, erasing box) and drop each epoch's last partial batch;
-        otherwise evaluation passes: no augmentation, index order (or shuffled with
-        `shuffle_eval`), every record, the same batches each pass, one shard.
+      seed, epoch(s): the order and the MRR draw are pure functions of these; the batches do
+        not depend on worker_count.
+      train: training epochs, each epoch's last partial batch dropped; otherwise evaluation
+        passes: index order (or shuffled with `shuffle_eval`), every record, the same batches
+        each pass, one shard.
       sampler: 'shuffle' (every record once) or 'mrr' (minimal random resampling, paper
         4.4); training only: evaluation always reads the whole split.
-      image_size: the model's input side; erasing boxes are drawn in these coordinates.
+      image_size: the model's input side (the staging size of splits whose images differ).
       worker_count: grain worker processes (0: read and augment in this process).
       shard_index, shard_count: this process's part of each training epoch (default
         jax.process_index() / jax.process_count()); shards are disjoint.
-      resize_on: 'device' ships native-size images (resized by the forward pass);
-        'host' resizes to image_size here.
       staging_size: host-side size for splits whose images differ in size; default: the
         split's own size when its probed records share one (and it is at most
-        image_size), else image_size.
+        image_size), else image_size. Native-size images are resized by the forward pass.
       shuffle_eval: shuffle evaluation batches with `seed` (the released 'batch' GAR mode
         computes its mean over whatever shares a test batch).
       worker_buffer_size: batches each worker prepares ahead.
@@ -71,7 +68,7 @@ def make_loader(split, *, batch_size: int, seed: int, train: bool, image_size: i
         raise ValueError("give one of epoch (one epoch) and epochs (a [first, last) range)")
     first_epoch, last_epoch = (int(epoch), int(epoch) + 1) if epochs is None else map(int, epochs)
     _check_options(batch_size=batch_size, sampler=sampler, image_size=image_size,
-                   resize_on=resize_on, worker_count=worker_count)
+                   worker_count=worker_count)
     if len(split) == 0:
         raise UserError(f"{_name(split)}: the split has no records")
     if not train:  # every process reads the whole evaluation split (the sampler refuses shards)
@@ -88,10 +85,10 @@ def make_loader(split, *, batch_size: int, seed: int, train: bool, image_size: i
     kind = sampler if train else ("eval-shuffled" if shuffle_eval else "eval")
     run_sampler = sampling.Sampler(split, kind=kind, seed=seed, first_epoch=first_epoch, last_epoch=last_epoch,
                                    batch_size=batch_size, shard_count=shard_count, worker_count=worker_count)
-    stage = StageImage(_staging_shape(split, image_size, staging_size, resize_on))
+    stage = StageImage(_staging_shape(split, image_size, staging_size))
     # Every worker batches whole batches (the sampler fills an evaluation pass's last one with
     # blank records), so batches do not depend on the worker count; the blanks are cut after.
-    operations = [DropPadding(), TrainAugment(stage, image_size) if train else EvalRecord(stage),
+    operations = [DropPadding(), StagedRecord(stage),
                   grain.transforms.Batch(batch_size=batch_size, drop_remainder=True)]
     if not train:
         operations.append(CutBlanks())
@@ -106,6 +103,16 @@ def make_loader(split, *, batch_size: int, seed: int, train: bool, image_size: i
         data_source=_PaddedSource(split), sampler=run_sampler, operations=operations,
         worker_count=worker_count, worker_buffer_size=worker_buffer_size, read_options=read_options,
         shard_options=grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=True))
+
+
+def batch_positions(epoch: int, step: int, *, batch_size: int, shard_index: int, shard_count: int) -> dict:
+    """Where the records of training batch `step` of `epoch` (this shard's part) sit in the epoch's
+    order: {'epoch', 'position'}, int32 (B,) each, what the device draws their augmentation from
+    (`transforms.augmentation_keys`). Training batches are whole and served in order, so this is
+    known without asking the workers."""
+    rows = np.arange(batch_size)
+    position = sampling.training_position(step, shard_index, rows, batch_size=batch_size, shard_count=shard_count)
+    return {"epoch": np.full(batch_size, epoch, np.int32), "position": position.astype(np.int32)}
 
 
 def read_through(loader):
@@ -194,35 +201,20 @@ class DropPadding(grain.transforms.Filter):
         return "padding" not in element
 
 
-class TrainAugment(grain.transforms.RandomMap):
-    """Released train transform on the host: flip-or-noise, staging, erasing box."""
-
-    def __init__(self, stage: StageImage, image_size: int):
-        self.stage, self.image_size = stage, int(image_size)
-
-    def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        # The reference flips/noises the native image, then resizes: same order here.
-        image = transforms.flip_or_noise(np.asarray(element["image"], np.uint8), rng)
-        return {"image": self.stage(image), "label": np.int32(element["label"]),
-                "erase": transforms.sample_erase_box(rng, self.image_size)}
-
-
 BLANK_LABEL = -1  # the label of the blank records that fill an evaluation pass's last batch
 
 
-class EvalRecord(grain.transforms.Map):
-    """Evaluation record: staged image, label, no erasing; a blank one (label BLANK_LABEL) for the
-    sampler's BLANK slots."""
+class StagedRecord(grain.transforms.Map):
+    """A record as batches hold it: staged image, int32 label; a blank one (label BLANK_LABEL) for
+    the sampler's BLANK slots."""
 
     def __init__(self, stage: StageImage):
         self.stage = stage
 
     def map(self, element: dict[str, Any]) -> dict[str, Any]:
         if "blank" in element:
-            return {"image": np.zeros(self.stage.shape, np.uint8), "label": np.int32(BLANK_LABEL),
-                    "erase": transforms.NO_ERASE.copy()}
-        return {"image": self.stage(element["image"]), "label": np.int32(element["label"]),
-                "erase": transforms.NO_ERASE.copy()}
+            return {"image": np.zeros(self.stage.shape, np.uint8), "label": np.int32(BLANK_LABEL)}
+        return {"image": self.stage(element["image"]), "label": np.int32(element["label"])}
 
 
 class CutBlanks(grain.transforms.Map):
@@ -291,15 +283,12 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True, name="arm-jax-parent-watch").start()
 
 
-def _staging_shape(split, image_size: int, staging_size: int | None,
-                   resize_on: str) -> tuple[int, int, int]:
+def _staging_shape(split, image_size: int, staging_size: int | None) -> tuple[int, int, int]:
     """(H, W, C) that all images of a batch share; see make_loader's staging_size."""
     probe = [np.asarray(split[int(i)]["image"]) for i in
              np.unique(np.linspace(0, len(split) - 1, _PROBE_RECORDS).astype(int))]
     probe = [p[:, :, None] if p.ndim == 2 else p for p in probe]
     channels = 3 if any(p.shape[-1] == 3 for p in probe) else 1
-    if resize_on == "host":
-        return image_size, image_size, channels
     if staging_size is not None:
         return int(staging_size), int(staging_size), channels
     sizes = {p.shape[:2] for p in probe}
@@ -314,12 +303,10 @@ def _epoch_records(split, sampler: str, train: bool) -> int:
     return sampling.epoch_records(sampling.EpochLabels(split), sampler if train else "eval")
 
 
-def _check_options(*, batch_size, sampler, image_size, resize_on, worker_count):
+def _check_options(*, batch_size, sampler, image_size, worker_count):
     """Reject option values that would fail deep inside grain."""
     if sampler not in SAMPLERS:
         raise UserError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    if resize_on not in RESIZE_ON:
-        raise UserError(f"resize_on must be one of {RESIZE_ON}, got {resize_on!r}")
     for option, value in (("batch_size", batch_size), ("image_size", image_size)):
         if int(value) <= 0:
             raise UserError(f"{option} must be positive, got {value}")

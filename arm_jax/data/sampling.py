@@ -93,14 +93,13 @@ def _checked_counts(labels: np.ndarray, class_names: Sequence[str] | None) -> np
 # every worker batches whole batches; it becomes a blank record cut off after batching.
 PAD = -1
 BLANK = -2
-# Separates the per-record augmentation streams from the epoch's sampling stream.
-_RECORD_STREAM = 1
 KINDS = ("shuffle", "mrr", "eval", "eval-shuffled")  # training samplers, then evaluation orders
 
 
-def record_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
-    """The augmentation generator of the record at `position` in the epoch order."""
-    return np.random.default_rng([int(seed), int(epoch), _RECORD_STREAM, int(position)])
+def training_position(step, shard, row, *, batch_size: int, shard_count: int):
+    """The position in its epoch's order of row `row` of shard `shard`'s part of the epoch's
+    global batch `step` (int or numpy arrays): the shards take consecutive slices of each."""
+    return (step * shard_count + shard) * batch_size + row
 
 
 class EpochLabels:
@@ -158,9 +157,8 @@ class Sampler:
 
     Training (`kind` 'shuffle' or 'mrr'): each epoch is its order cut into global batches of
     shard_count * batch_size records, shard s taking the s-th slice of each, so step j trains on
-    the same records whichever number of processes shares it; the remainder is dropped; each
-    record carries `record_rng(seed, epoch, position)`, so augmentations depend on neither the
-    worker count nor the sharding. Evaluation ('eval', 'eval-shuffled'; one shard): every record
+    the same records whichever number of processes shares it (`training_position`); the
+    remainder is dropped. Evaluation ('eval', 'eval-shuffled'; one shard): every record
     of the same order each pass, the pass's last batch filled with BLANK slots.
 
     grain gives sampler slot p to shard p % shard_count, and a shard's q-th slot to worker
@@ -208,9 +206,8 @@ class Sampler:
             position = step * self._b + offset
             key = int(self._order(epoch)[position]) if position < len(self._labels) else BLANK
             return RecordMetadata(index=index, record_key=key, rng=None)
-        position = step * self._shards * self._b + shard * self._b + offset
-        return RecordMetadata(index=index, record_key=int(self._order(epoch)[position]),
-                              rng=record_rng(self._seed, epoch, position))
+        position = training_position(step, shard, offset, batch_size=self._b, shard_count=self._shards)
+        return RecordMetadata(index=index, record_key=int(self._order(epoch)[position]), rng=None)
 
     def _order(self, epoch: int) -> np.ndarray:
         if epoch not in self._orders:

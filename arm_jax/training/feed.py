@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import jax
 
-from arm_jax.data.pipeline import close_iterator
+from arm_jax.data.pipeline import batch_positions, close_iterator
 from arm_jax.errors import UserError
 
 if TYPE_CHECKING:
@@ -53,13 +53,17 @@ class TrainBatches:
         self._served_until = (epoch, done)
 
     def next(self, epoch: int) -> dict:
-        """The next training batch of `epoch` (each epoch's batches are asked for in order).
-        A step begins when its batch is served (`served_at`: training/actions.py times steps so)."""
+        """The next training batch of `epoch` (each epoch's batches are asked for in order), with
+        its records' places in the epoch ('epoch', 'position': what the device draws their
+        augmentation from). A step begins when its batch is served (`served_at`:
+        training/actions.py times steps so)."""
         self.asked_at = time.perf_counter()
         if not self._served_until[0] == epoch < self._range[1]:  # used up (or never opened)
             self._open(epoch, max(self._last_epoch, epoch + 1))
-        batch = next(self._iterator)
         at_epoch, at_batch = self._served_until
+        batch = {**next(self._iterator), **batch_positions(
+            at_epoch, at_batch, batch_size=self._options["batch_size"], shard_index=self._options["shard_index"],
+            shard_count=self._options["shard_count"])}
         self._served_until = (at_epoch, at_batch + 1) if at_batch + 1 < self._steps else (at_epoch + 1, 0)
         self.served_at = time.perf_counter()
         return batch

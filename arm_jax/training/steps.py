@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from arm_jax.data.transforms import augmentation_keys
 from arm_jax.forward import apply_to_images
 from arm_jax.training.state import TrainState
 
@@ -29,23 +30,28 @@ def _sum_metrics(losses, logits, labels, axis_name):
     return jax.lax.psum(metrics, axis_name) if axis_name else metrics
 
 
-def make_train_step(model, tx: optax.GradientTransformation) -> TrainStep:
+def make_train_step(model, tx: optax.GradientTransformation, *, augment: bool = True) -> TrainStep:
     """The training step of `model` (built with axis_name for pmap, None otherwise).
 
     Returns train_step(state, batch, rng) -> (new_state, metrics) with metrics the GLOBAL
-    sums loss_sum, correct, count. `rng` is the run's step key; the step folds in its step
-    number, so a resumed run draws the same dropout masks as an uninterrupted one.
+    sums loss_sum, correct, count. `rng` is the run's step key. With `augment` (training; off
+    for checks of the step's arithmetic) each image gets the released train transform on the
+    device, drawn from the record's place in its epoch: the batch holds 'epoch' and 'position'
+    (data.pipeline.batch_positions) beside 'image' and 'label'. Dropout folds in the step
+    number. Either way a resumed run draws what an uninterrupted one would.
     """
     axis_name = model.axis_name
 
     def train_step(state: TrainState, batch: dict, rng: jax.Array):
-        rng = jax.random.fold_in(rng, state.step)
-        dropout_rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name)) if axis_name else rng
+        step_rng, augment_rng = jax.random.split(rng)
+        step_rng = jax.random.fold_in(step_rng, state.step)
+        dropout_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name)) if axis_name else step_rng
+        keys = augmentation_keys(augment_rng, batch["epoch"], batch["position"]) if augment else None
         labels = batch["label"]
 
         def loss_fn(params):
             variables = {"params": params, "batch_stats": state.batch_stats, "gar": state.gar}
-            logits, updates = apply_to_images(model, variables, batch["image"], erase=batch.get("erase"), train=True,
+            logits, updates = apply_to_images(model, variables, batch["image"], augment_keys=keys, train=True,
                                               mutable=["batch_stats", "gar"], rngs={"dropout": dropout_rng})
             losses = cross_entropy(logits, labels)
             return losses.mean(), (losses, logits, updates)
@@ -79,7 +85,7 @@ def make_eval_step(model) -> EvalStep:
 
     def eval_step(state: TrainState, batch: dict) -> dict:
         labels = batch["label"]
-        logits = apply_to_images(model, state.variables, batch["image"], erase=batch.get("erase"))
+        logits = apply_to_images(model, state.variables, batch["image"])
         num_classes = logits.shape[-1]
         confusion = jnp.einsum("nc,nd->cd", jax.nn.one_hot(labels, num_classes, dtype=jnp.int32),
                                jax.nn.one_hot(logits.argmax(-1), num_classes, dtype=jnp.int32))

@@ -5,25 +5,34 @@ import numpy as np
 import pytest
 
 from arm_jax.data import pipeline, sampling, transforms
+from arm_jax.data.base import ArraySplit, LabelledSplit
 from arm_jax.errors import UserError
 
 
-class TinySplit:
+class TinySplit(LabelledSplit):
     """In-memory LabelledSplit: record i is a constant image of value 4 * i (robust id)."""
 
-    class_names = ("angry", "happy", "sad")
-
     def __init__(self, n=60, side=16, channels=1, labels=None, name="tiny/train"):
-        self.name, self.side, self.channels = name, side, channels
-        self.labels = (np.arange(n) % 3 if labels is None else np.asarray(labels)).astype(np.int32)
+        super().__init__(name, ("angry", "happy", "sad"), np.arange(n) % 3 if labels is None else labels)
+        self.side, self.channels = side, channels
+
+    def image(self, i):
+        image = np.full((self.side, self.side, self.channels), 4 * i % 256, np.uint8)
+        image[0, 0] = 255 - image[0, 0]  # an asymmetric pixel, so flips would show
+        return image
+
+
+class RecordByRecord:
+    """A split that offers nothing but `split[i]` (what grain's random-access sources offer)."""
+
+    def __init__(self, split):
+        self.split, self.labels, self.class_names, self.name = split, split.labels, split.class_names, split.name
 
     def __len__(self):
-        return len(self.labels)
+        return len(self.split)
 
     def __getitem__(self, i):
-        image = np.full((self.side, self.side, self.channels), 4 * i % 256, np.uint8)
-        image[0, 0] = 255 - image[0, 0]  # an asymmetric pixel, so flips are visible
-        return {"image": image, "label": np.int32(self.labels[i])}
+        return self.split[i]
 
 
 def _ids(batch):
@@ -75,6 +84,17 @@ def test_training_rows_are_the_records_at_their_positions_unaugmented(sampler):
                 assert (where["epoch"] == epoch).all() and where["position"].dtype == np.int32
                 expected = np.stack([split[int(i)]["image"] for i in order[where["position"]]])
                 np.testing.assert_array_equal(batch["image"], expected)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_a_split_read_by_one_gather_gives_the_batches_read_record_by_record(train):
+    """A split holding its pixels in one array is read a batch at a time (one gather); a split read
+    record by record gives the same batches, the same labels on the same rows."""
+    tiny = TinySplit(n=61, labels=np.random.default_rng(2).integers(0, 3, 61))
+    gathered = ArraySplit(tiny.name, tiny.class_names, tiny.labels, np.stack([tiny.image(i) for i in range(61)]))
+    assert isinstance(gathered.read_images(np.array([3, 1])), np.ndarray)
+    for split in (gathered, RecordByRecord(tiny)):
+        _same(list(_loader(split, train=train, batch_size=4)), list(_loader(tiny, train=train, batch_size=4)))
 
 
 def test_same_seed_same_batches_and_other_seed_differs():
@@ -142,9 +162,8 @@ def test_restore_mid_epoch_continues_with_the_same_batches():
 class TexturedSplit(TinySplit):
     """Random RGB textures, so resize conventions show (constant images hide them)."""
 
-    def __getitem__(self, i):
-        image = np.random.default_rng(i).integers(0, 256, (self.side, self.side, 3), np.uint8)
-        return {"image": image, "label": np.int32(self.labels[i])}
+    def image(self, i):
+        return np.random.default_rng(i).integers(0, 256, (self.side, self.side, 3), np.uint8)
 
 
 def test_host_staging_matches_device_resize_after_preprocessing():
@@ -164,10 +183,9 @@ def test_variable_size_images_are_staged_on_the_host():
     """Each image is RESIZED to the staging size (not cropped or padded): checked per image."""
 
     class MixedSizes(TexturedSplit):
-        def __getitem__(self, i):
-            record = super().__getitem__(i)
+        def image(self, i):
             side = 10 + i % 3  # 10, 11, 12 px
-            return {**record, "image": record["image"][:side, :side]}
+            return super().image(i)[:side, :side]
 
     def resized(image, side):  # second implementation: jax.image.resize, the device convention
         out = jax.image.resize(image.astype(np.float32), (side, side, 3), "bilinear", antialias=True)

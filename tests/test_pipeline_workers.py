@@ -185,6 +185,6 @@ def test_read_through_stops_its_workers_and_unlinks_its_batches(left_after):
     finally:
         gc.enable()
     assert read == (left_after or 6)
-    assert len(names) == 3 * read  # image, label and erase of every batch came in shared memory
+    assert len(names) == 2 * read  # image and label of every batch came in shared memory
     assert _segments_left(names) == []
     assert workers_left == []

@@ -1,4 +1,4 @@
-"""MRR and shuffle orders, the worker-independent layout and the grain sampler."""
+"""MRR and shuffle orders and the grain sampler (a slot per batch)."""
 
 import pickle
 
@@ -77,46 +77,36 @@ class _Split:
         self.labels, self.class_names, self.name = np.asarray(labels), tuple("abcd"), name
 
 
-def _grain_batches(sampler, shard, shard_count, workers, b):
-    """Simulate grain: slot p to shard p % S, a shard's slot q to worker q % W, PAD dropped, each
-    worker batching whole batches, round-robin merge; (record keys, epochs) per batch."""
-    slots = [sampler[i] for i in range(len(sampler))][shard::shard_count]
-    per_worker = []
-    for w in range(workers):
-        stream = [m for m in slots[w::workers] if m.record_key != sampling.PAD]
-        assert len(stream) % b == 0  # whole batches: no worker merges the end of a pass with the next
-        per_worker.append([[m.record_key for m in stream[i:i + b]] for i in range(0, len(stream), b)])
-    merged, k = [], 0
-    while any(k < len(p) for p in per_worker):
-        merged += [p[k] for p in per_worker if k < len(p)]
-        k += 1
-    return merged
+def _grain_batches(sampler, shard, shard_count):
+    """Simulate grain: slot p to shard p % S, each slot one batch (read by whichever worker); the
+    record keys of each of the shard's batches, in order."""
+    return [sampler.records(sampler[i].record_key).tolist() for i in range(shard, len(sampler), shard_count)]
 
 
 @pytest.mark.parametrize("kind,shard_count", [("shuffle", 1), ("mrr", 3), ("eval", 1), ("eval-shuffled", 1)])
-def test_batches_are_the_same_for_every_worker_count_and_epochs_follow_each_other(kind, shard_count):
+def test_batches_follow_each_epochs_order_and_epochs_follow_each_other(kind, shard_count):
     b, labels = 4, LABELS  # 182 records; MRR: 28 per epoch
     counts = np.bincount(labels, minlength=4)
     options = dict(kind=kind, seed=3, first_epoch=1, last_epoch=4, batch_size=b, shard_count=shard_count)
-    reference = [_grain_batches(sampling.Sampler(_Split(labels), worker_count=0, **options), s, shard_count, 1, b)
-                 for s in range(shard_count)]
-    for workers in (2, 3):
-        sampler = sampling.Sampler(_Split(labels), worker_count=workers, **options)
-        assert [_grain_batches(sampler, s, shard_count, workers, b) for s in range(shard_count)] == reference
+    sampler = sampling.Sampler(_Split(labels), **options)
+    shards = [_grain_batches(sampler, s, shard_count) for s in range(shard_count)]
     steps = sampling.steps_per_epoch(sampling.EpochLabels(_Split(labels)), kind, batch_size=b,
                                      shard_count=shard_count)
-    assert {len(batches) for batches in reference} == {3 * steps}  # equal steps on every process
-    epochs = [[key for shard in reference for batch in shard[e * steps:(e + 1) * steps] for key in batch]
+    assert {len(batches) for batches in shards} == {3 * steps}  # equal steps on every process
+    assert len(sampler) == 3 * steps * shard_count
+    epochs = [[key for step in range(e * steps, (e + 1) * steps) for shard in shards for key in shard[step]]
               for e in range(3)]
-    if kind.startswith("eval"):  # every record once a pass, the last batch filled with BLANK; passes alike
+    if kind.startswith("eval"):  # every record once a pass, the last batch short; passes alike
         assert steps == 46 and epochs[0] == epochs[1] == epochs[2]
-        assert sorted(k for k in epochs[0] if k != sampling.BLANK) == list(range(182))
-        assert epochs[0][-1] == sampling.BLANK and epochs[0].count(sampling.BLANK) == 46 * b - 182
-        assert (epochs[0][:182] == list(range(182))) == (kind == "eval")
+        assert sorted(epochs[0]) == list(range(182)) and len(shards[0][steps - 1]) == 182 - 45 * b
+        assert (epochs[0] == list(range(182))) == (kind == "eval")
     else:  # whole global batches of distinct records, each epoch its own order (MRR: its own draw)
         size = 4 * counts.min() if kind == "mrr" else 182
         assert steps == size // (shard_count * b) and all(len(set(e)) == len(e) == steps * shard_count * b
                                                           for e in epochs)
+        for e, keys in enumerate(epochs):
+            order = sampling.epoch_order(sampling.EpochLabels(_Split(labels)), kind=kind, seed=3, epoch=1 + e)
+            assert keys == order[:len(keys)].tolist()
         assert epochs[0] != epochs[1]
         if kind == "mrr":
             assert all(np.bincount(labels[e], minlength=4).max() <= counts.min() for e in epochs)
@@ -132,8 +122,8 @@ def test_an_evaluation_sampler_refuses_shards_and_an_unknown_kind():
 
 def test_training_shards_are_disjoint_slices_of_each_global_batch():
     sampler = sampling.Sampler(_Split(LABELS[:50]), kind="shuffle", seed=3, first_epoch=0, last_epoch=1,
-                               batch_size=4, shard_count=3, worker_count=2)
-    shards = [_grain_batches(sampler, s, 3, 2, 4) for s in range(3)]
+                               batch_size=4, shard_count=3)
+    shards = [_grain_batches(sampler, s, 3) for s in range(3)]
     order = sampling.shuffle_epoch_indices(50, epoch=0, seed=3)
     for step in range(4):  # 50 // 12 global batches; shard s reads the s-th 4 records of each
         np.testing.assert_array_equal(np.concatenate([shard[step] for shard in shards]),
@@ -144,9 +134,10 @@ def test_sampler_pickles_and_its_repr_is_stable():
     sampler = sampling.Sampler(_Split(LABELS), kind="mrr", seed=2, first_epoch=1, last_epoch=3, batch_size=4)
     copy = pickle.loads(pickle.dumps(sampler))
     assert repr(copy) == repr(sampler) == (
-        "Sampler(split='tiny', kind='mrr', records=182, seed=2, epochs=[1, 3), batch_size=4, shard_count=1, "
-        "worker_count=1)")
+        "Sampler(split='tiny', kind='mrr', records=182, seed=2, epochs=[1, 3), batch_size=4, shard_count=1)")
     first, again = sampler[5], copy[5]
-    assert first.record_key == again.record_key == sampling.mrr_epoch_indices(LABELS, epoch=1, seed=2)[5]
+    assert first.record_key == again.record_key == 5
+    np.testing.assert_array_equal(copy.records(5), sampler.records(5))
+    np.testing.assert_array_equal(sampler.records(5), sampling.mrr_epoch_indices(LABELS, epoch=1, seed=2)[20:24])
     with pytest.raises(IndexError):
         sampler[len(sampler)]

@@ -69,6 +69,16 @@ def test_device_flip_and_noise_have_the_released_transforms_statistics():
     assert scipy.stats.ks_2samp(residuals["device"], residuals["reference"]).pvalue > 1e-3
 
 
+def test_flip_or_noise_draws_the_same_image_by_image_as_vectorised():
+    """On a CPU the images go one by one (noise drawn only where used); vectorised, as on a GPU,
+    every draw is the same."""
+    images = jnp.asarray(np.random.default_rng(3).integers(0, 256, (64, 5, 6, 3)), jnp.float32)
+    keys = _keys(64)
+    vectorised = jax.jit(jax.vmap(transforms.flip_or_noise_one))(images, keys)
+    np.testing.assert_array_equal(np.asarray(jax.jit(transforms.flip_or_noise)(images, keys)), np.asarray(vectorised))
+    assert (np.asarray(vectorised) != np.asarray(images)).any(axis=(1, 2, 3)).sum() >= 16
+
+
 def test_device_erase_boxes_follow_torchvision_random_erasing():
     """4000 device boxes on a 224 square against 4000 of the numpy RandomErasing.get_params: erased
     with p 0.5; sides, corners, areas and aspect ratios drawn from one distribution (two-sample

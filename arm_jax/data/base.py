@@ -237,6 +237,11 @@ class LabelledSplit:
         """The uint8 (H, W, C) image of record `index` (0 <= index < len)."""
         raise NotImplementedError
 
+    def read_images(self, indices: np.ndarray) -> np.ndarray | list[np.ndarray]:
+        """The images of records `indices`: a list, or one (N, H, W, C) array where the split
+        holds its pixels in one (a gather instead of N reads)."""
+        return [self.image(int(i)) for i in indices]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {len(self)} records)"
 
@@ -250,6 +255,9 @@ class ArraySplit(LabelledSplit):
 
     def image(self, index: int) -> np.ndarray:
         return self.images[index]
+
+    def read_images(self, indices: np.ndarray) -> np.ndarray:
+        return self.images[np.asarray(indices)]
 
 
 class FileSplit(LabelledSplit):
@@ -283,6 +291,9 @@ class Subset(LabelledSplit):
 
     def image(self, index: int) -> np.ndarray:
         return self.base[int(self.indices[index])]["image"]
+
+    def read_images(self, indices: np.ndarray):
+        return self.base.read_images(self.indices[np.asarray(indices)])
 
 
 def check_image_paths(root: Path, paths: list[str], wheres: list[tuple[Path, int | None]],

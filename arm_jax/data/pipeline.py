@@ -1,4 +1,5 @@
-"""The grain input pipeline: sampler -> read split[i] -> augment -> batch, over one or many epochs.
+"""The grain input pipeline: sampler (a slot per batch) -> read and stage the batch's records -> hand
+over, over one or many epochs.
 
 One builder (`make_loader`) and one sampler (`sampling.Sampler`) serve training (an epoch,
 or a run's epochs from one loader whose workers start once), evaluation and validation
@@ -16,16 +17,16 @@ import multiprocessing
 import os
 import threading
 import time
-from typing import Any
 
 import absl.flags
 import grain
 import jax
+from grain.multiprocessing import SharedMemoryArray
 import numpy as np
 
 from arm_jax.compat import close_grain_iterator, shared_memory_delete_pool
 from arm_jax.data import sampling, transforms
-from arm_jax.data.base import resize_uint8
+from arm_jax.data.base import LabelledSplit, resize_uint8
 from arm_jax.errors import UserError
 
 SAMPLERS = ("shuffle", "mrr")
@@ -84,14 +85,12 @@ def make_loader(split, *, batch_size: int, seed: int, train: bool, image_size: i
             "lower the batch size")
     kind = sampler if train else ("eval-shuffled" if shuffle_eval else "eval")
     run_sampler = sampling.Sampler(split, kind=kind, seed=seed, first_epoch=first_epoch, last_epoch=last_epoch,
-                                   batch_size=batch_size, shard_count=shard_count, worker_count=worker_count)
-    stage = StageImage(_staging_shape(split, image_size, staging_size))
-    # Every worker batches whole batches (the sampler fills an evaluation pass's last one with
-    # blank records), so batches do not depend on the worker count; the blanks are cut after.
-    operations = [DropPadding(), StagedRecord(stage),
-                  grain.transforms.Batch(batch_size=batch_size, drop_remainder=True)]
-    if not train:
-        operations.append(CutBlanks())
+                                   batch_size=batch_size, shard_count=shard_count)
+    source = _BatchSource(split, run_sampler, StageImage(_staging_shape(split, image_size, staging_size)))
+    # A grain element is a whole batch (read by one worker), so grain's per-element work is paid
+    # once per batch, not per image; its batching step only hands the batch over (in shared
+    # memory from a worker process).
+    operations = [grain.transforms.Batch(batch_size=1, drop_remainder=False, batch_fn=_HandOver())]
     if worker_count > 0:
         # Worker processes read absl flags (grain issue 1355); nothing parses them here.
         absl.flags.FLAGS.mark_as_parsed()
@@ -100,7 +99,7 @@ def make_loader(split, *, batch_size: int, seed: int, train: bool, image_size: i
     # parallelism comes from worker processes instead.
     read_options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * read_threads)
     return grain.DataLoader(
-        data_source=_PaddedSource(split), sampler=run_sampler, operations=operations,
+        data_source=source, sampler=run_sampler, operations=operations,
         worker_count=worker_count, worker_buffer_size=worker_buffer_size, read_options=read_options,
         shard_options=grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=True))
 
@@ -194,59 +193,35 @@ class StageImage:
         return transforms.to_channels(image, channels)
 
 
-class DropPadding(grain.transforms.Filter):
-    """Drop the sampler's PAD slots (past the end of a worker's stream) before any work."""
+class _BatchSource:
+    """The loader's data source: element k is the batch of sampler slot k, read whole and staged.
 
-    def filter(self, element: dict[str, Any]) -> bool:
-        return "padding" not in element
-
-
-BLANK_LABEL = -1  # the label of the blank records that fill an evaluation pass's last batch
-
-
-class StagedRecord(grain.transforms.Map):
-    """A record as batches hold it: staged image, int32 label; a blank one (label BLANK_LABEL) for
-    the sampler's BLANK slots."""
-
-    def __init__(self, stage: StageImage):
-        self.stage = stage
-
-    def map(self, element: dict[str, Any]) -> dict[str, Any]:
-        if "blank" in element:
-            return {"image": np.zeros(self.stage.shape, np.uint8), "label": np.int32(BLANK_LABEL)}
-        return {"image": self.stage(element["image"]), "label": np.int32(element["label"])}
-
-
-class CutBlanks(grain.transforms.Map):
-    """An evaluation batch without its blank rows (they sit at the end of a pass's last batch)."""
-
-    def map(self, batch: dict[str, Any]) -> dict[str, Any]:
-        rows = int(np.count_nonzero(batch["label"] != BLANK_LABEL))
-        return batch if rows == len(batch["label"]) else {key: value[:rows] for key, value in batch.items()}
-
-
-class _PaddedSource:
-    """The split plus two marker records; a repr grain can compare across processes.
-
-    grain reads `source[key % len(source)]`, so the sampler's PAD (-1) and BLANK (-2) land on
-    the two extra last keys, which return markers without decoding anything.
+    Splits that can read many records at once (`LabelledSplit.read_images`: one gather from an
+    in-memory or memory-mapped pixel array) do; others are read record by record (`split[i]`).
+    Its repr is one grain can compare across processes.
     """
 
-    def __init__(self, split):
-        self._split = split
+    def __init__(self, split, sampler: sampling.Sampler, stage: StageImage):
+        self._split, self._sampler, self._stage = split, sampler, stage
 
     def __len__(self) -> int:
-        return len(self._split) + 2
+        return len(self._sampler)
 
-    def __getitem__(self, key: int) -> dict[str, Any]:
-        if key < len(self._split):
-            return self._split[key]
-        return {"padding" if key - len(self) == sampling.PAD else "blank": np.bool_(True)}
+    def __getitem__(self, key: int) -> dict[str, np.ndarray]:
+        records = self._sampler.records(int(key))
+        if isinstance(self._split, LabelledSplit):
+            images, labels = self._split.read_images(records), self._split.labels[records]
+        else:
+            rows = [self._split[int(i)] for i in records]
+            images, labels = [row["image"] for row in rows], np.array([row["label"] for row in rows])
+        if not (isinstance(images, np.ndarray) and images.shape[1:] == self._stage.shape):
+            images = np.stack([self._stage(image) for image in images])
+        return {"image": images.astype(np.uint8, copy=False), "label": np.asarray(labels, np.int32)}
 
     def __repr__(self) -> str:
         # grain refuses to restore a state whose source repr differs: the default repr
         # carries a memory address, so name the split by its name and size instead.
-        return f"PaddedSource(name={_name(self._split)!r}, num_records={len(self._split)})"
+        return f"BatchSource(name={_name(self._split)!r}, num_records={len(self._split)})"
 
     def __setstate__(self, state: dict) -> None:
         # Unpickled in each grain worker process, as it starts.
@@ -254,6 +229,30 @@ class _PaddedSource:
         parent = multiprocessing.parent_process()
         if parent is not None and parent.pid is not None:
             _exit_with_parent(parent.pid)
+
+
+class _HandOver:
+    """grain's batching function for elements that are batches already: the one element as it is,
+    or, in a worker process (grain calls `enable_shared_memory_output`), copied into shared memory
+    so that the training process maps it rather than unpickling it."""
+
+    def __init__(self):
+        self._shared = False
+
+    def enable_shared_memory_output(self) -> None:
+        self._shared = True
+
+    def __call__(self, values):
+        (batch,) = values
+        if not self._shared:
+            return batch
+        return {key: _shared_copy(value) for key, value in batch.items()}
+
+
+def _shared_copy(array: np.ndarray):
+    shared = SharedMemoryArray(array.shape, array.dtype)
+    np.copyto(shared, array, casting="no")
+    return shared
 
 
 _PARENT_POLL_SECONDS = 1.0

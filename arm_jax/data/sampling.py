@@ -88,11 +88,6 @@ def _checked_counts(labels: np.ndarray, class_names: Sequence[str] | None) -> np
     return counts
 
 
-# Record keys of the sampler's special slots. PAD: past the end of a worker's stream, dropped
-# right after reading, before any work. BLANK: fills an evaluation pass's last batch, so that
-# every worker batches whole batches; it becomes a blank record cut off after batching.
-PAD = -1
-BLANK = -2
 KINDS = ("shuffle", "mrr", "eval", "eval-shuffled")  # training samplers, then evaluation orders
 
 
@@ -142,43 +137,32 @@ def steps_per_epoch(labels: EpochLabels, kind: str, *, batch_size: int, shard_co
     return epoch_records(labels, kind) // (shard_count * batch_size)
 
 
-def _batch_of_slot(slot: int, *, workers: int, batch_size: int) -> tuple[int, int]:
-    """(batch, row in it) of a shard's slot: worker w's k-th record is row k % b of its batch k // b,
-    the loader's batch (k // b) * workers + w, so grain's round-robin over workers yields the
-    batches in order."""
-    worker, k = slot % workers, slot // workers
-    round_, offset = divmod(k, batch_size)
-    return round_ * workers + worker, offset
-
-
 class Sampler:
-    """The grain sampler of every loader: epochs [first_epoch, last_epoch) of one split in one stream,
-    so a loader's worker processes start once, however many epochs it serves.
+    """The grain sampler of every loader, one slot per batch: epochs [first_epoch, last_epoch) of one
+    split in one stream, so a loader's worker processes start once, however many epochs it serves.
 
-    Training (`kind` 'shuffle' or 'mrr'): each epoch is its order cut into global batches of
-    shard_count * batch_size records, shard s taking the s-th slice of each, so step j trains on
-    the same records whichever number of processes shares it (`training_position`); the
-    remainder is dropped. Evaluation ('eval', 'eval-shuffled'; one shard): every record
-    of the same order each pass, the pass's last batch filled with BLANK slots.
-
-    grain gives sampler slot p to shard p % shard_count, and a shard's q-th slot to worker
-    q % workers, which batches its own records: batch g of the loader goes to worker g % workers
-    (`_batch_of_slot`), so the round-robin over workers yields batches 0, 1, 2, ... exactly as
-    with no workers. Picklable and cheap to copy into workers; its repr is stable (grain stores
-    it in the iterator state and restores a state only into a sampler of the same repr).
+    Slot k is batch k // shard_count of the stream as shard k % shard_count reads it (grain gives
+    slot p to shard p % shard_count); `records(k)` says which records it holds, and the loader's
+    data source reads them. Training (`kind` 'shuffle' or 'mrr'): each epoch is its order cut into
+    global batches of shard_count * batch_size records, shard s taking the s-th slice of each, so
+    step j trains on the same records whichever number of processes shares it
+    (`training_position`); the remainder is dropped. Evaluation ('eval', 'eval-shuffled'; one
+    shard): every record of the same order each pass, the pass's last batch short. A batch is one
+    grain element, read whole by one worker process: batches do not depend on the worker count.
+    Picklable and cheap to copy into workers; its repr is stable (grain stores it in the iterator
+    state and restores a state only into a sampler of the same repr).
     """
 
     def __init__(self, split, *, kind: str, seed: int, first_epoch: int, last_epoch: int, batch_size: int,
-                 shard_count: int = 1, worker_count: int = 0):
+                 shard_count: int = 1):
         if kind not in KINDS:
             raise ValueError(f"sampler kind must be one of {KINDS}, got {kind!r}")
         if kind.startswith("eval") and shard_count != 1:
             raise ValueError("evaluation reads the whole split in every process: shard_count must be 1")
         self._labels, self._kind, self._seed = EpochLabels(split), kind, int(seed)
         self._first, self._last = int(first_epoch), int(last_epoch)
-        self._b, self._shards, self._workers = int(batch_size), int(shard_count), max(int(worker_count), 1)
+        self._b, self._shards = int(batch_size), int(shard_count)
         self._steps = steps_per_epoch(self._labels, kind, batch_size=self._b, shard_count=self._shards)
-        self._batches = self._steps * (self._last - self._first)
         self._orders: dict[int, np.ndarray] = {}
 
     @property
@@ -186,28 +170,26 @@ class Sampler:
         return not self._kind.startswith("eval")
 
     def __len__(self) -> int:
-        rounds = -(-self._batches // self._workers)
-        return rounds * self._b * self._workers * self._shards
+        return self._steps * (self._last - self._first) * self._shards
 
     def __repr__(self) -> str:
         return (f"Sampler(split={self._labels.name!r}, kind={self._kind!r}, records={len(self._labels)}, "
                 f"seed={self._seed}, epochs=[{self._first}, {self._last}), batch_size={self._b}, "
-                f"shard_count={self._shards}, worker_count={self._workers})")
+                f"shard_count={self._shards})")
 
     def __getitem__(self, index: int) -> RecordMetadata:
         if not 0 <= index < len(self):
             raise IndexError(f"sampler index {index} out of range [0, {len(self)})")
-        shard, slot = index % self._shards, index // self._shards
-        batch, offset = _batch_of_slot(slot, workers=self._workers, batch_size=self._b)
-        if batch >= self._batches:
-            return RecordMetadata(index=index, record_key=PAD, rng=None)
+        return RecordMetadata(index=index, record_key=index, rng=None)
+
+    def records(self, key: int) -> np.ndarray:
+        """The record indices (int64, in batch order) of slot `key`'s batch."""
+        shard, batch = key % self._shards, key // self._shards
         epoch, step = self._first + batch // self._steps, batch % self._steps
+        order = self._order(epoch)
         if not self.train:
-            position = step * self._b + offset
-            key = int(self._order(epoch)[position]) if position < len(self._labels) else BLANK
-            return RecordMetadata(index=index, record_key=key, rng=None)
-        position = training_position(step, shard, offset, batch_size=self._b, shard_count=self._shards)
-        return RecordMetadata(index=index, record_key=int(self._order(epoch)[position]), rng=None)
+            return order[step * self._b:(step + 1) * self._b]
+        return order[training_position(step, shard, np.arange(self._b), batch_size=self._b, shard_count=self._shards)]
 
     def _order(self, epoch: int) -> np.ndarray:
         if epoch not in self._orders:

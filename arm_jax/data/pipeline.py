@@ -54,7 +54,7 @@ def make_loader(split, *, batch_size: int, seed: int, train: bool, image_size: i
       sampler: 'shuffle' (every record once) or 'mrr' (minimal random resampling, paper
         4.4); training only: evaluation always reads the whole split.
       image_size: the model's input side (the staging size of splits whose images differ).
-      worker_count: grain worker processes (0: read and augment in this process).
+      worker_count: grain worker processes (0: read in this process); each reads whole batches.
       shard_index, shard_count: this process's part of each training epoch (default
         jax.process_index() / jax.process_count()); shards are disjoint.
       staging_size: host-side size for splits whose images differ in size; default: the

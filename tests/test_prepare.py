@@ -187,11 +187,11 @@ def test_affectnet_csv_prepared_equals_raw_and_a_changed_list_is_read_raw(tmp_pa
     assert not isinstance(stale, PreparedSplit) and stale.labels.tolist() == [0, 1, 5]
 
 
-def test_prepared_pixel_arrays_equal_the_records_and_data_prepared_without_them_still_reads(tmp_path, rng):
+def test_prepared_pixel_arrays_equal_the_records_and_data_without_them_still_reads(tmp_path, rng):
     """prepare keeps RAF-DB's decoded images as one array per split beside the records (read
-    memory-mapped, not pickled into workers); AffectNet's face crops of several sizes stay
-    records only. Data prepared before the arrays existed reads from its records, and prepare
-    on it adds them."""
+    memory-mapped, not pickled into workers), written from the decodes that make the records;
+    images of several sizes (AffectNet's face crops, a folder's) stay records only. Data without
+    the arrays reads from its records."""
     import pickle
 
     entries = [(f"train_{i:05d}.jpg", i % 7 + 1, fx.random_image(rng, (100, 100, 3))) for i in range(1, 9)]
@@ -200,6 +200,7 @@ def test_prepared_pixel_arrays_equal_the_records_and_data_prepared_without_them_
     result = prepare("raf_db", src, tfds_data_dir=tfds_dir)
     arrays = sorted(p.name for p in result.path.glob("pixels-*.npy"))
     assert arrays == ["pixels-test.npy", "pixels-train.npy", "pixels-val.npy"]
+    assert not list(result.path.glob("*.partial"))
     split = open_split("raf_db", src, "train", tfds_data_dir=tfds_dir)
     assert split.pixels_path is not None and np.load(split.pixels_path).shape == (8, 100, 100, 3)
     raw = open_split("raf_db", src, "train", prepared=False)
@@ -216,8 +217,6 @@ def test_prepared_pixel_arrays_equal_the_records_and_data_prepared_without_them_
     older = open_split("raf_db", src, "train", tfds_data_dir=tfds_dir)
     assert older.pixels_path is None
     assert_same(older, raw)
-    assert prepare("raf_db", src, tfds_data_dir=tfds_dir).reused
-    assert open_split("raf_db", src, "train", tfds_data_dir=tfds_dir).pixels_path is not None
 
     shared = fx.random_image(rng, (90, 80, 3))
     rows = [("1/a.jpg", 0, fx.random_image(rng, (70, 70, 3))), ("1/b.jpg", 1, shared)]
@@ -226,3 +225,10 @@ def test_prepared_pixel_arrays_equal_the_records_and_data_prepared_without_them_
     assert not list(crops.path.glob("pixels-*.npy")) and not list(crops.path.glob("*.partial"))
     assert_same(open_split("affectnet7", an, "train", tfds_data_dir=tfds_dir),
                 open_split("affectnet7", an, "train", prepared=False))
+
+    sizes = {"a": [fx.random_image(rng, (40, 30, 3)), fx.random_image(rng, (30, 40, 3))]}
+    folder = fx.write_class_folders(tmp_path / "folder", {"train": sizes, "test": sizes})
+    mixed = prepare("folder", folder, tfds_data_dir=tfds_dir)
+    assert not list(mixed.path.glob("pixels-*")) and not list(mixed.path.glob("*.partial"))
+    assert_same(open_split("folder", folder, "train", tfds_data_dir=tfds_dir),
+                open_split("folder", folder, "train", prepared=False))

@@ -32,6 +32,10 @@ from arm_jax.errors import DatasetError
 # Bump when what a prepared record holds changes (1.1.0: canonical class names, AffectNet's
 # CSV records are face crops).
 FORMAT_VERSION = "1.1.0"
+# Beside the ArrayRecord files, `prepare` keeps a split's decoded images as one uint8 array
+# (`pixels-<split>.npy`, read memory-mapped) where they all have one shape and fit in this
+# many bytes: reading a record is then a copy, with no TFDS deserialisation or decoding.
+PIXEL_ARRAY_MAX_BYTES = 4 << 30
 
 
 @contextlib.contextmanager
@@ -164,19 +168,27 @@ class _SourceBuilder(tfds.core.GeneratorBasedBuilder):
             "skipped": {s: [[b.where, b.reason] for b in b_] for s, (_, b_) in everything.items()},
             "dropped": {s: [r.dropped, r.dropped_reason] for s, (r, _) in everything.items()},
         })
-        return {split: self._generate_examples(records) for split, (records, _) in
+        return {split: self._generate_examples(split, records) for split, (records, _) in
                 everything.items()}
 
-    def _generate_examples(self, records):
+    def _generate_examples(self, split: str, records):
+        """The split's records in the reader's order; its pixel array from the same decodes."""
+        pixels = _PixelArray(pixels_path(self.data_dir, split), len(records.labels))
         for i, label in enumerate(records.labels):
+            image = None
             if records.paths is None:
-                image = records.images[i]
+                record = image = records.images[i]
             elif getattr(records, "boxes", None) is not None:
-                image = _png(affectnet.face_crop(records.root / records.paths[i],
-                                                 records.boxes[i], records.mode))
+                image = affectnet.face_crop(records.root / records.paths[i], records.boxes[i],
+                                            records.mode)
+                record = _png(image)  # lossless: the crop is what decoding it gives
             else:
-                image = (records.root / records.paths[i]).read_bytes()
-            yield i, {"image": image, "label": int(label)}
+                record = (records.root / records.paths[i]).read_bytes()
+                image = decode_image(record, records.mode) if pixels.wanted else None
+            if image is not None:
+                pixels.add(i, image)
+            yield i, {"image": record, "label": int(label)}
+        pixels.finish()
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -184,6 +196,45 @@ def _png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def pixels_path(data_dir: str | Path, split: str) -> Path:
+    """Where a split's pixel array lives, beside its records."""
+    return Path(data_dir) / f"pixels-{split}.npy"
+
+
+class _PixelArray:
+    """Writes a split's decoded images, in record order, as one uint8 .npy (renamed into place
+    when complete) while they share one shape and fit PIXEL_ARRAY_MAX_BYTES; at the first image
+    that does not, it is given up and leaves nothing behind (`wanted` turns False)."""
+
+    def __init__(self, target: Path, count: int):
+        self.target, self.count = target, count
+        self.partial = target.with_name(target.name + ".partial")
+        self.array = None
+        self.wanted = count > 0
+
+    def add(self, index: int, image: np.ndarray) -> None:
+        if not self.wanted:
+            return
+        if self.array is None:
+            if self.count * image.nbytes > PIXEL_ARRAY_MAX_BYTES:
+                self.wanted = False
+                return
+            self.array = np.lib.format.open_memmap(self.partial, mode="w+", dtype=np.uint8,
+                                                   shape=(self.count, *image.shape))
+        elif image.shape != self.array.shape[1:]:  # several sizes: the records are the only copy
+            self.wanted, self.array = False, None  # closes the file
+            self.partial.unlink()
+            return
+        self.array[index] = image
+
+    def finish(self) -> None:
+        """Put the array in place if every image was added."""
+        if self.wanted and self.array is not None:
+            self.array.flush()
+            self.array = None
+            self.partial.replace(self.target)
 
 
 class ArmFer2013(_SourceBuilder):

@@ -48,8 +48,12 @@ class PreparedSplit(LabelledSplit):
         image = self.source[index]["image"]
         if isinstance(image, np.ndarray) and image.dtype == np.uint8:
             return image
-        # Original file bytes, already fully decoded once by prepare: same decoder as raw.
-        return decode_image(bytes(image), self.mode, self.size)
+        data = bytes(image)
+        if tfds_builders.is_encoded_crop(data):  # AffectNet's face crops (format 1.2.0 on)
+            return tfds_builders.decode_crop(data, self.size)
+        # Original file bytes (or a format 1.1.0 PNG crop), already fully decoded once by
+        # prepare: same decoder as raw.
+        return decode_image(data, self.mode, self.size)
 
 
 def _skipped(metadata, split: str) -> tuple[BadRecord, ...]:
@@ -58,11 +62,12 @@ def _skipped(metadata, split: str) -> tuple[BadRecord, ...]:
 
 def open_prepared(dataset: str, data_dir: Path, split: str, *, skip_bad: bool = False,
                   tfds_data_dir=None, image_size_hint: int | None = None) -> LabelledSplit | None:
-    """The prepared split if prepare ran on the current source files, else None."""
+    """The prepared split if prepare ran on the current source files (in this format or an
+    older one still read: tfds_builders.READ_VERSIONS), else None."""
     with tfds_builders.quiet_tfds():
-        builder = tfds_builders.make_builder(dataset, data_dir, tfds_data_dir=tfds_data_dir)
-        if not builder.is_prepared():
-            return None
+        builder = tfds_builders.find_prepared(dataset, data_dir, tfds_data_dir=tfds_data_dir)
+    if builder is None:
+        return None
     metadata = builder.info.metadata
     skipped = _skipped(metadata, split)
     if skipped and not skip_bad:
@@ -99,8 +104,12 @@ def prepare(dataset: str, data_dir: str | Path, *, tfds_data_dir: str | Path | N
         if not reused:
             import tensorflow_datasets as tfds
 
+            older = tfds_builders.find_prepared(dataset, data_dir, tfds_data_dir=tfds_data_dir)
             builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
                 manual_dir=str(data_dir)))
+            if older is not None:
+                log.info("%s: the copy prepared in format %s (%s) is no longer read; delete it to "
+                         "free its disk", dataset, older.version, older.data_dir)
     metadata = builder.info.metadata
     skipped = {s: len(metadata["skipped"][s]) for s in metadata["skipped"]}
     if reused and any(skipped.values()) and not skip_bad:

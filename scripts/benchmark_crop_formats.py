@@ -10,6 +10,16 @@ than affectnet.CROP_MAX_SIDE and so capped to it (as most AffectNet boxes are), 
 the best of `--repeats` passes, in microseconds per image, and the mean bytes per record. The
 mean and max absolute pixel difference is against the lossless crop resized to `--size` (what
 the raw reader gives the model). Decoders: PIL (what `decode_image` uses) and OpenCV's imdecode.
+
+    python scripts/benchmark_crop_formats.py --pipeline [--records 2048]
+
+instead writes an AffectNet CSV data set (photos of 400-700 px, regions of the same photos, with
+a face box inside AffectNet's margin), prepares it with the `arm_jax` on the path (PYTHONPATH=a
+checkout of another commit measures its format) and reads the training split's records through
+the loader as the host will once augmentation moves to the device: evaluation batches of 256
+(read + decode + staging resize to 224 + batching), images/s after the first batch, with one
+grain worker process and in-process; the same from the split's pixel array where prepare wrote
+one (no decode: the rest of the pipeline); and the bytes of the training records on disk.
 """
 
 import argparse
@@ -93,12 +103,69 @@ def raw(image: np.ndarray) -> bytes:
     return np.array(image.shape[:2], np.uint16).tobytes() + image.tobytes()
 
 
+def pipeline_rate(records: int, size: int) -> None:
+    """Prepare an AffectNet CSV data set and time one worker's evaluation pass over it."""
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from arm_jax.data import pipeline
+    from arm_jax.data.prepared import prepare
+    from arm_jax.data.splits import open_split
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ from a checkout
+    from tests import fixtures as fx
+
+    rng = np.random.default_rng(0)
+    photos = [getattr(skimage.data, name)() for name in PHOTOS]
+
+    def photo(i):
+        side = int(rng.integers(400, 701))
+        source = photos[i % len(photos)]
+        return resize_uint8(source, side, int(side * rng.uniform(0.8, 1.25)))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        fx.write_affectnet_csv(root / "an", {
+            "training": [(f"{i // 1000}/{i:06d}.jpg", i % 7, photo(i)) for i in range(records)],
+            "validation": [(f"v/{i:06d}.jpg", i % 7, photo(i)) for i in range(14)]})
+        result = prepare("affectnet7", root / "an", tfds_data_dir=root / "tfds")
+        on_disk = sum(p.stat().st_size for p in result.path.glob("*-train.array_record*"))
+        split = open_split("affectnet7", root / "an", "train", tfds_data_dir=root / "tfds")
+        rates = {}
+        for source in ("records", "pixel array"):
+            if source == "records":  # as AffectNet's training split reads (more than 4 GB)
+                split.pixels_path, pixels = None, split.pixels_path
+            elif pixels is None:
+                continue  # crops of several sizes (format 1.1.0): no array
+            else:
+                split.pixels_path = pixels  # no decode: the rest of the pipeline's cost
+            for workers in (1, 0):
+                loader = pipeline.make_loader(split, batch_size=256, seed=0, epoch=0, train=False,
+                                              image_size=size, worker_count=workers)
+                iterator = pipeline.read_through(loader)
+                next(iterator)
+                start = time.perf_counter()
+                images = sum(len(batch["label"]) for batch in iterator)
+                rates[source, workers] = images / (time.perf_counter() - start)
+    print(f"format {result.path.name}: {records} records, batch 256, {size} px; "
+          f"{on_disk / records:,.0f} bytes per record")
+    for (source, workers), rate in rates.items():
+        where = "one worker" if workers else "in-process"
+        print(f"  {source}, {where}: {rate:,.0f} images/s ({1e6 / rate:.0f} us per image)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--crops", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--pipeline", action="store_true")
+    parser.add_argument("--records", type=int, default=2048)
     args = parser.parse_args()
+    if args.pipeline:
+        pipeline_rate(args.records, args.size)
+        return
     images = crops(args.crops, np.random.default_rng(0))
     reference = [resize_uint8(c, args.size).astype(np.int16) for c in images]
     print(f"{len(images)} crops, mean {np.mean([c.shape[0] for c in images]):.0f}x"

@@ -7,16 +7,14 @@ Representation (measured, see scripts/README.md): FER2013's pixels are stored ra
 tensors); image-file data sets store each file's original JPEG/PNG bytes, decoded on access
 with the same decoder as the raw reader, so prepared and raw images are identical. AffectNet's
 CSV layout stores each row's face crop (the raw reader's, capped at affectnet.CROP_MAX_SIDE)
-resized to CROP_SIDE x CROP_SIDE, what the loader would stage it at for a 224 px model, as JPEG
-(quality 90, 4:2:0), decoded with OpenCV (the same pixels as PIL, 15-40% sooner). Measured with
-scripts/benchmark_crop_formats.py (Xeon family 6 model 167, 2 cores; 300 real-photo crops of
-~230 px; decode + resize to 224, us / bytes per record): PNG at the crop's size (format 1.1.0)
-2,370 us / 82 KB; JPEG q90-95 at the crop's size 890-1,200 us / 15-27 KB (the resize to 224
-costs ~500 us of it); raw uint8 at the crop's size 600 us / 163 KB; JPEG q90 4:2:0 at 224x224
-290 us (OpenCV; PIL 350-490) / 12 KB, the choice: ~3.5 GB for AffectNet's 287,651 training
-crops, against ~43 GB raw at 224 px. The crop is then within JPEG's error of the raw reader's
-crop resized to CROP_SIDE (mean abs difference ~2 levels; the raw reader's crop itself is
-unchanged).
+resized to CROP_SIDE square, as the loader would stage it for a 224 px model, as JPEG quality 90,
+4:2:0: within JPEG's error of the raw crop resized so (mean abs difference ~2 grey levels on
+photos), no longer equal to it. Read cost per crop, decode + resize to 224 (Xeon family 6 model
+167, `scripts/benchmark_crop_formats.py`, real-photo crops of ~230 px): PNG at the crop's size
+(format 1.1.0) 2,370 us / 82 KB a record; JPEG q90-95 at the crop's size 920-1,220 us / 15-27
+KB (~600 us of it the resize); raw uint8 at the crop's size 610 us / 163 KB; JPEG q90 4:2:0 at
+224 x 224 300 us with OpenCV (decode_crop; PIL 360 us, same pixels) / 12 KB: ~3.5 GB for
+AffectNet's 287,651 training crops, against 43 GB as raw uint8 at 224.
 """
 
 from __future__ import annotations

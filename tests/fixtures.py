@@ -131,3 +131,17 @@ def write_affectnet_npy(root: Path, splits: dict[str, list]) -> Path:
             np.save(root / which / "annotations" / f"{number}_exp.npy", np.array(str(expression)))
             np.save(root / which / "annotations" / f"{number}_val.npy", np.array("0.25"))
     return root
+
+
+# How far a prepared AffectNet crop (JPEG at tfds_builders.CROP_SIDE) may be from the raw reader's
+# crop resized to that side: mean absolute difference in grey levels. Measured <= 1.0 on the crops
+# of these writers' images of up to 90 px (libjpeg-turbo's integer DCT: the same on every CPU); the
+# crop of a box one pixel off is >= 4.1 from it, the whole file or a mirrored crop >= 34.
+PREPARED_CROP_MEAN_ERROR = 2.0
+
+
+def crop_error(prepared: np.ndarray, raw_crop: np.ndarray) -> float:
+    """Mean absolute difference of a prepared AffectNet crop from a raw crop resized to its size."""
+    side = prepared.shape[0]
+    resized = np.asarray(Image.fromarray(raw_crop).resize((side, side), Image.BILINEAR))
+    return float(np.abs(prepared.astype(np.int16) - resized).mean())

@@ -1,11 +1,17 @@
-"""AffectNet's CSV layout: a record is its row's face box (inside the file's margin), prepared too."""
+"""AffectNet's CSV layout: a record is its row's face box (inside the file's margin), prepared too
+(as JPEG at the staging side)."""
+
+import io
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from arm_jax.data import tfds_builders
+from arm_jax.data.base import decode_image, resize_uint8
 from arm_jax.data.prepared import PreparedSplit, prepare
-from arm_jax.data.readers.affectnet import CROP_MAX_SIDE
+from arm_jax.data.readers.affectnet import CROP_MAX_SIDE, face_crop
+from arm_jax.data.tfds_builders import CROP_SIDE
 from arm_jax.data.sources import decode_size_hint
 from arm_jax.data.splits import open_split
 from arm_jax.errors import DatasetError
@@ -89,7 +95,9 @@ def test_large_crops_are_capped_before_augmentation(tmp_path, rng):
     np.testing.assert_array_equal(crop, np.asarray(expected))
 
 
-def test_prepare_stores_the_crops(tmp_path, rng):
+def test_prepare_stores_the_crops_as_jpeg_at_the_staging_side(tmp_path, rng):
+    """Prepared crops: the raw reader's crop resized to CROP_SIDE, within JPEG's error (a box one
+    pixel off is not); a decode size resizes them; the labels are the raw reader's."""
     rows = rows_with_margins(rng)
     src = fx.write_affectnet_csv(tmp_path / "an", {"training": rows, "validation": rows[:2]})
     prepare("affectnet8", src, tfds_data_dir=tmp_path / "tfds")
@@ -99,12 +107,46 @@ def test_prepare_stores_the_crops(tmp_path, rng):
         assert isinstance(prepared, PreparedSplit) and prepared.class_names == plain.class_names
         np.testing.assert_array_equal(prepared.labels, plain.labels)
         for i in range(len(plain)):
-            np.testing.assert_array_equal(prepared[i]["image"], plain[i]["image"])
+            image = prepared[i]["image"]
+            assert image.shape == (CROP_SIDE, CROP_SIDE, 3)
+            assert fx.crop_error(image, plain[i]["image"]) <= fx.PREPARED_CROP_MEAN_ERROR
+    record = bytes(open_split("affectnet8", src, "train", tfds_data_dir=tmp_path / "tfds").source[0]["image"])
+    assert tfds_builders.is_encoded_crop(record)  # read by decode_crop
+    train = raw("affectnet8", src, "train")
+    x, y, w, h = fx.margin_box(rows[0][2].shape)
+    off_by_one = face_crop(src / IMAGES / rows[0][0], (x + 1, y, w, h), "RGB")
+    first = open_split("affectnet8", src, "train", tfds_data_dir=tmp_path / "tfds")[0]["image"]
+    assert fx.crop_error(first, off_by_one) > 2 * fx.PREPARED_CROP_MEAN_ERROR
+    assert fx.crop_error(first, train[1]["image"]) > 10 * fx.PREPARED_CROP_MEAN_ERROR
+    small = open_split("affectnet8", src, "train", tfds_data_dir=tmp_path / "tfds", image_size_hint=40)
+    np.testing.assert_array_equal(small[2]["image"], resize_uint8(
+        open_split("affectnet8", src, "train", tfds_data_dir=tmp_path / "tfds")[2]["image"], 40))
     fx.write_affectnet_csv(tmp_path / "bad", {"training": rows + [("1/a.jpg", 5, None,
                                                                    (0, 0, 0, 9))],
                                               "validation": rows[:1]})
     with pytest.raises(DatasetError, match="training.csv:6: invalid face box 0,0,0,9"):
         prepare("affectnet8", tmp_path / "bad", tfds_data_dir=tmp_path / "tfds")
+
+
+def test_decode_crop_gives_pil_s_pixels(rng, monkeypatch):
+    """OpenCV decodes encode_crop's JPEGs to PIL's pixels (the raw reader's decoder), with and
+    without IMREAD_COLOR_RGB (OpenCV before 4.10); a damaged record is an error, not grey."""
+    import cv2
+
+    crops = [fx.random_image(rng, shape) for shape in ((60, 50, 3), (256, 200, 3), (30, 90, 3))]
+    records = [tfds_builders.encode_crop(crop) for crop in crops]
+    assert all(tfds_builders.is_encoded_crop(r) for r in records)
+    expected = [decode_image(r, "RGB") for r in records]
+    for record, pixels in zip(records, expected, strict=True):
+        np.testing.assert_array_equal(tfds_builders.decode_crop(record), pixels)
+    monkeypatch.delattr(cv2, "IMREAD_COLOR_RGB", raising=False)
+    for record, pixels in zip(records, expected, strict=True):
+        np.testing.assert_array_equal(tfds_builders.decode_crop(record), pixels)
+    with pytest.raises(ValueError, match="cannot be decoded"):
+        tfds_builders.decode_crop(records[0][:len(records[0]) // 2])
+    original = io.BytesIO()
+    Image.fromarray(crops[0]).save(original, "JPEG")
+    assert not tfds_builders.is_encoded_crop(original.getvalue())  # nor is an original file
 
 
 def test_loader_augments_crops_then_stages_them(tmp_path, rng):

@@ -1,14 +1,22 @@
-"""prepare: ArrayRecord copies identical to the raw reader, rebuilt when a source changes."""
+"""prepare: ArrayRecord copies identical to the raw reader (AffectNet's crops: within JPEG's error),
+rebuilt when a source changes; data prepared in the previous format still reads."""
 
+import io
+import json
+import logging
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
+from arm_jax.data import tfds_builders
 from arm_jax.data.base import SPLITS
 from arm_jax.data.prepared import PreparedSplit, prepare
+from arm_jax.data.tfds_builders import CROP_SIDE
 from arm_jax.data.splits import open_split
 from arm_jax.errors import DatasetError
 from cli.data import prepare as prepare_command
@@ -170,8 +178,19 @@ def test_image_folders_prepared_equal_raw_and_an_added_image_is_read_raw(tmp_pat
     _assert_every_split_round_trips(dataset, src, tfds_dir)
 
 
-def test_affectnet_csv_prepared_equals_raw_and_a_changed_list_is_read_raw(tmp_path, rng):
-    """The CSV release: prepared face crops (PNG, lossless) equal the raw reader's crops."""
+def assert_same_crops(prepared, raw):
+    """AffectNet's CSV crops: the raw reader's labels, and its crops within JPEG's error."""
+    assert isinstance(prepared, PreparedSplit) and not isinstance(raw, PreparedSplit)
+    assert prepared.class_names == raw.class_names and prepared.name == raw.name
+    np.testing.assert_array_equal(prepared.labels, raw.labels)
+    for i in range(len(raw)):
+        a, b = prepared[i], raw[i]
+        assert a["label"] == b["label"] and a["image"].shape == (CROP_SIDE, CROP_SIDE, 3)
+        assert fx.crop_error(a["image"], b["image"]) <= fx.PREPARED_CROP_MEAN_ERROR
+
+
+def test_affectnet_csv_prepared_is_the_raw_crop_and_a_changed_list_is_read_raw(tmp_path, rng):
+    """The CSV release: prepared face crops are the raw reader's, resized and JPEG-encoded."""
     shared = fx.random_image(rng, (90, 80, 3))
     rows = [("1/a.jpg", 0, fx.random_image(rng, (70, 70, 3))), ("1/b.jpg", 1, shared),
             ("1/b.jpg", 2, shared, (4, 6, 30, 40)),  # same file, another face
@@ -180,26 +199,25 @@ def test_affectnet_csv_prepared_equals_raw_and_a_changed_list_is_read_raw(tmp_pa
     first = prepare("affectnet8", src, tfds_data_dir=tfds_dir)
     assert first.sizes["train"] == 3 and not first.reused
     for split in ("train", "test"):
-        assert_same(open_split("affectnet8", src, split, tfds_data_dir=tfds_dir),
-                    open_split("affectnet8", src, split, prepared=False))
+        assert_same_crops(open_split("affectnet8", src, split, tfds_data_dir=tfds_dir),
+                          open_split("affectnet8", src, split, prepared=False))
     fx.write_affectnet_csv(src, {"training": rows[:2] + [("1/b.jpg", 5, shared, (4, 6, 30, 40))]})
     stale = open_split("affectnet8", src, "train", tfds_data_dir=tfds_dir)
     assert not isinstance(stale, PreparedSplit) and stale.labels.tolist() == [0, 1, 5]
 
 
-def test_prepared_pixel_arrays_equal_the_records_and_data_prepared_without_them_still_reads(tmp_path, rng):
-    """prepare keeps RAF-DB's decoded images as one array per split beside the records (read
-    memory-mapped, not pickled into workers); AffectNet's face crops of several sizes stay
-    records only. Data prepared before the arrays existed reads from its records, and prepare
-    on it adds them."""
-    import pickle
-
+def test_prepared_pixel_arrays_equal_the_records_and_data_without_them_still_reads(tmp_path, rng):
+    """prepare keeps RAF-DB's decoded images, and AffectNet's crops (one size now), as one array
+    per split beside the records (read memory-mapped, not pickled into workers), written from the
+    decodes that make the records; images of several sizes stay records only. Data without the
+    arrays reads from its records."""
     entries = [(f"train_{i:05d}.jpg", i % 7 + 1, fx.random_image(rng, (100, 100, 3))) for i in range(1, 9)]
     entries.append(("test_0001.jpg", 3, fx.random_image(rng, (100, 100, 3))))
     src, tfds_dir = fx.write_raf_db(tmp_path / "raf", entries), tmp_path / "tfds"
     result = prepare("raf_db", src, tfds_data_dir=tfds_dir)
     arrays = sorted(p.name for p in result.path.glob("pixels-*.npy"))
     assert arrays == ["pixels-test.npy", "pixels-train.npy", "pixels-val.npy"]
+    assert not list(result.path.glob("*.partial"))
     split = open_split("raf_db", src, "train", tfds_data_dir=tfds_dir)
     assert split.pixels_path is not None and np.load(split.pixels_path).shape == (8, 100, 100, 3)
     raw = open_split("raf_db", src, "train", prepared=False)
@@ -216,13 +234,91 @@ def test_prepared_pixel_arrays_equal_the_records_and_data_prepared_without_them_
     older = open_split("raf_db", src, "train", tfds_data_dir=tfds_dir)
     assert older.pixels_path is None
     assert_same(older, raw)
-    assert prepare("raf_db", src, tfds_data_dir=tfds_dir).reused
-    assert open_split("raf_db", src, "train", tfds_data_dir=tfds_dir).pixels_path is not None
 
     shared = fx.random_image(rng, (90, 80, 3))
     rows = [("1/a.jpg", 0, fx.random_image(rng, (70, 70, 3))), ("1/b.jpg", 1, shared)]
     an = fx.write_affectnet_csv(tmp_path / "an", {"training": rows, "validation": rows})
     crops = prepare("affectnet7", an, tfds_data_dir=tfds_dir)
-    assert not list(crops.path.glob("pixels-*.npy")) and not list(crops.path.glob("*.partial"))
-    assert_same(open_split("affectnet7", an, "train", tfds_data_dir=tfds_dir),
-                open_split("affectnet7", an, "train", prepared=False))
+    split = open_split("affectnet7", an, "train", tfds_data_dir=tfds_dir)
+    assert split.pixels_path is not None and np.load(split.pixels_path).shape == (2, CROP_SIDE, CROP_SIDE, 3)
+    records = open_split("affectnet7", an, "train", tfds_data_dir=tfds_dir, image_size_hint=CROP_SIDE)
+    for i in range(2):  # the array holds the records' pixels
+        np.testing.assert_array_equal(split[i]["image"], records[i]["image"])
+    assert_same_crops(split, open_split("affectnet7", an, "train", prepared=False))
+    assert not list(crops.path.glob("*.partial"))
+
+    sizes = {"a": [fx.random_image(rng, (40, 30, 3)), fx.random_image(rng, (30, 40, 3))]}
+    folder = fx.write_class_folders(tmp_path / "folder", {"train": sizes, "test": sizes})
+    mixed = prepare("folder", folder, tfds_data_dir=tfds_dir)
+    assert not list(mixed.path.glob("pixels-*")) and not list(mixed.path.glob("*.partial"))
+    assert_same(open_split("folder", folder, "train", tfds_data_dir=tfds_dir),
+                open_split("folder", folder, "train", prepared=False))
+
+
+def png_crop(image: np.ndarray) -> bytes:
+    """Format 1.1.0's AffectNet record: the crop at its own size as PNG (its `_png`, verbatim)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def prepare_1_1_0(monkeypatch, dataset, src, tfds_dir):
+    """prepare as format 1.1.0 did: that version in the fingerprint and the folder, PNG crops.
+    What it writes is what 1.1.0's own code wrote (commit 4af9092's prepare, run on the same
+    AffectNet CSV, RAF-DB and FER2013 sources, compared once by hand: the files other than the
+    records byte for byte, the records' contents equal; the order of a record's tf.Example
+    features varies from run to run with either code)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(tfds_builders, "FORMAT_VERSION", "1.1.0")
+        patch.setattr(tfds_builders, "encode_crop", png_crop)
+        return prepare(dataset, src, tfds_data_dir=tfds_dir)
+
+
+def test_data_prepared_in_format_1_1_0_reads_until_prepare_runs_again(tmp_path, rng, monkeypatch, caplog):
+    """Found under its own version's fingerprint, read as it was (AffectNet's PNG crops at their
+    own size, RAF-DB's and FER2013's pixel arrays), only while the sources are unchanged; prepare
+    then writes the current format beside it."""
+    shared = fx.random_image(rng, (90, 80, 3))
+    rows = [("1/a.jpg", 0, fx.random_image(rng, (70, 70, 3))), ("1/b.jpg", 1, shared),
+            ("1/b.jpg", 2, shared, (4, 6, 30, 40))]
+    an = fx.write_affectnet_csv(tmp_path / "an", {"training": rows, "validation": rows[:2]})
+    raf = fx.write_raf_db(tmp_path / "raf", [(name, label, fx.random_image(rng, (100, 100, 3))) for name, label in
+                                             [("train_00001.jpg", 1), ("train_00002.jpg", 2), ("test_0001.jpg", 3)]])
+    fer = tmp_path / "fer"
+    fx.write_fer2013_csv(fer / "fer2013.csv", fx.fer2013_rows(rng, per_split=3))
+    tfds_dir = tmp_path / "tfds"
+    sources = {"affectnet8": an, "raf_db": raf, "fer2013": fer}
+    for dataset, src in sources.items():
+        old = prepare_1_1_0(monkeypatch, dataset, src, tfds_dir)
+        assert old.path.name == "1.1.0" and not old.reused
+        metadata = json.loads((old.path / "metadata.json").read_text())
+        assert sorted(metadata) == ["class_names", "dropped", "labels", "mode", "skipped"]
+        for split in ("train", "test"):
+            prepared = open_split(dataset, src, split, tfds_data_dir=tfds_dir)
+            assert_same(prepared, open_split(dataset, src, split, prepared=False))  # exactly
+            assert (prepared.pixels_path is None) == (dataset == "affectnet8")  # crops of 3 sizes
+            if prepared.pixels_path is not None:
+                assert prepared.pixels_path.parent == old.path
+    crops = open_split("affectnet8", an, "train", tfds_data_dir=tfds_dir)
+    assert bytes(crops.source[0]["image"]).startswith(b"\x89PNG")
+    copy = pickle.loads(pickle.dumps(crops))  # as grain workers get it: still the 1.1.0 records
+    np.testing.assert_array_equal(copy[2]["image"], crops[2]["image"])
+
+    label_file = raf / "EmoLabel" / "list_patition_label.txt"
+    original = label_file.read_text()
+    label_file.write_text(original.replace("train_00001.jpg 1", "train_00001.jpg 7"))
+    assert not isinstance(open_split("raf_db", raf, "train", tfds_data_dir=tfds_dir), PreparedSplit)
+    label_file.write_text(original)  # its fingerprint hashes the content: current again
+    assert isinstance(open_split("raf_db", raf, "train", tfds_data_dir=tfds_dir), PreparedSplit)
+
+    caplog.set_level(logging.INFO, logger="arm_jax")
+    for dataset, src in sources.items():
+        new = prepare(dataset, src, tfds_data_dir=tfds_dir)
+        assert new.path.name == tfds_builders.FORMAT_VERSION == "1.2.0" and not new.reused
+        assert f"{dataset}: the copy prepared in format 1.1.0" in caplog.text
+        prepared = open_split(dataset, src, "train", tfds_data_dir=tfds_dir)
+        assert prepared.pixels_path.parent == new.path
+        if dataset == "affectnet8":
+            assert_same_crops(prepared, open_split(dataset, src, "train", prepared=False))
+        else:
+            assert_same(prepared, open_split(dataset, src, "train", prepared=False))

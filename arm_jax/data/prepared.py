@@ -26,16 +26,6 @@ class PrepareResult:
     reused: bool  # the data was already prepared from these exact source files
 
 
-# Beside the ArrayRecord files, `prepare` keeps a split's decoded images as one uint8 array
-# (`pixels-<split>.npy`, read memory-mapped) where they all have one shape and fit in this
-# many bytes: reading a record is then a copy, with no TFDS deserialisation or decoding.
-PIXEL_ARRAY_MAX_BYTES = 4 << 30
-
-
-def _pixels_path(data_dir: str | Path, split: str) -> Path:
-    return Path(data_dir) / f"pixels-{split}.npy"
-
-
 class PreparedSplit(LabelledSplit):
     """A split read from prepared data: its pixel array when `prepare` wrote one (and no decode
     size is asked for), else the ArrayRecord files through tfds' random-access data source."""
@@ -66,8 +56,12 @@ class PreparedSplit(LabelledSplit):
         image = self.source[index]["image"]
         if isinstance(image, np.ndarray) and image.dtype == np.uint8:
             return image
-        # Original file bytes, already fully decoded once by prepare: same decoder as raw.
-        return decode_image(bytes(image), self.mode, self.size)
+        data = bytes(image)
+        if tfds_builders.is_encoded_crop(data):  # AffectNet's face crops (format 1.2.0 on)
+            return tfds_builders.decode_crop(data, self.size)
+        # Original file bytes (or a format 1.1.0 PNG crop), already fully decoded once by
+        # prepare: same decoder as raw.
+        return decode_image(data, self.mode, self.size)
 
 
 def _skipped(metadata, split: str) -> tuple[BadRecord, ...]:
@@ -76,11 +70,12 @@ def _skipped(metadata, split: str) -> tuple[BadRecord, ...]:
 
 def open_prepared(dataset: str, data_dir: Path, split: str, *, skip_bad: bool = False,
                   tfds_data_dir=None, image_size_hint: int | None = None) -> LabelledSplit | None:
-    """The prepared split if prepare ran on the current source files, else None."""
+    """The prepared split if prepare ran on the current source files (in this format or an
+    older one still read: tfds_builders.READ_VERSIONS), else None."""
     with tfds_builders.quiet_tfds():
-        builder = tfds_builders.make_builder(dataset, data_dir, tfds_data_dir=tfds_data_dir)
-        if not builder.is_prepared():
-            return None
+        builder = tfds_builders.find_prepared(dataset, data_dir, tfds_data_dir=tfds_data_dir)
+    if builder is None:
+        return None
     metadata = builder.info.metadata
     skipped = _skipped(metadata, split)
     if skipped and not skip_bad:
@@ -91,42 +86,11 @@ def open_prepared(dataset: str, data_dir: Path, split: str, *, skip_bad: bool = 
     dropped, reason = metadata["dropped"][split]
     with tfds_builders.quiet_tfds():
         source = builder.as_data_source(split=split)
-    pixels = _pixels_path(builder.data_dir, split)
+    pixels = tfds_builders.pixels_path(builder.data_dir, split)
     return PreparedSplit(f"{dataset}/{split}", tuple(metadata["class_names"]),
                          np.asarray(metadata["labels"][split], np.int32), source, metadata["mode"],
                          image_size_hint, SplitReport(skipped, dropped, reason),
                          pixels=pixels if pixels.is_file() else None)
-
-
-def _write_pixel_arrays(builder, metadata) -> None:
-    """Each split's decoded images as `pixels-<split>.npy` beside its records, where they share
-    one shape and fit PIXEL_ARRAY_MAX_BYTES (data prepared without them reads as before)."""
-    for split in metadata["labels"]:
-        target = _pixels_path(builder.data_dir, split)
-        if target.is_file():
-            continue
-        with tfds_builders.quiet_tfds():
-            records = PreparedSplit(split, (), np.asarray(metadata["labels"][split], np.int32),
-                                    builder.as_data_source(split=split), metadata["mode"], None)
-        count = len(records)
-        first = records.image(0) if count else None
-        if first is None or count * first.nbytes > PIXEL_ARRAY_MAX_BYTES:
-            continue
-        partial = target.with_name(target.name + ".partial")  # renamed when complete
-        array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(count, *first.shape))
-        complete = True
-        for index in range(count):
-            image = first if index == 0 else records.image(index)
-            if image.shape != first.shape:  # images of several sizes: the records stay the only copy
-                complete = False
-                break
-            array[index] = image
-        array.flush()
-        del array  # closes the file
-        if complete:
-            partial.replace(target)
-        else:
-            partial.unlink()
 
 
 def prepare(dataset: str, data_dir: str | Path, *, tfds_data_dir: str | Path | None = None,
@@ -148,8 +112,12 @@ def prepare(dataset: str, data_dir: str | Path, *, tfds_data_dir: str | Path | N
         if not reused:
             import tensorflow_datasets as tfds
 
+            older = tfds_builders.find_prepared(dataset, data_dir, tfds_data_dir=tfds_data_dir)
             builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
                 manual_dir=str(data_dir)))
+            if older is not None:
+                log.info("%s: the copy prepared in format %s (%s) is no longer read; delete it to "
+                         "free its disk", dataset, older.version, older.data_dir)
     metadata = builder.info.metadata
     skipped = {s: len(metadata["skipped"][s]) for s in metadata["skipped"]}
     if reused and any(skipped.values()) and not skip_bad:
@@ -158,6 +126,5 @@ def prepare(dataset: str, data_dir: str | Path, *, tfds_data_dir: str | Path | N
                            + "\nFix the files, or prepare with --skip-bad to leave them out.")
     if any(skipped.values()):
         log.warning("%s: skipped bad records per split: %s", dataset, skipped)
-    _write_pixel_arrays(builder, metadata)  # also for data prepared before they existed
     return PrepareResult(Path(builder.data_dir), {s: len(v) for s, v in metadata["labels"].items()},
                          skipped, {s: v[0] for s, v in metadata["dropped"].items()}, reused)

@@ -35,8 +35,8 @@ class DatasetSpec:
     source_files: Callable[[Path], tuple[list[Path], list[Path]]]
     # The TFDS builder family `prepare` writes it with (its folder under $TFDS_DATA_DIR).
     builder: str = "arm_folder"
-    # Prepared images: decoded uint8 of this shape, or None: the file's own bytes (or a PNG of
-    # the face crop where the reader gives boxes).
+    # Prepared images: decoded uint8 of this shape, or None: the file's own bytes (or a JPEG of
+    # the face crop at tfds_builders.CROP_SIDE where the reader gives boxes).
     stored_pixels: tuple[int, ...] | None = None
     # Images of many sizes: decoded straight to the model's size (the others travel at their
     # native size, so flip and noise happen there, as in the released code).

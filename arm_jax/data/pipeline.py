@@ -215,8 +215,8 @@ class _BatchSource:
             rows = [self._split[int(i)] for i in records]
             images, labels = [row["image"] for row in rows], np.array([row["label"] for row in rows])
         if not (isinstance(images, np.ndarray) and images.shape[1:] == self._stage.shape):
-            images = np.stack([self._stage(image) for image in images])
-        return {"image": images.astype(np.uint8, copy=False), "label": np.asarray(labels, np.int32)}
+            images = [self._stage(image) for image in images]  # stacked by _HandOver
+        return {"image": images, "label": np.asarray(labels, np.int32)}
 
     def __repr__(self) -> str:
         # grain refuses to restore a state whose source repr differs: the default repr
@@ -244,15 +244,21 @@ class _HandOver:
 
     def __call__(self, values):
         (batch,) = values
+        return {key: self._stacked(value) for key, value in batch.items()}
+
+    def _stacked(self, rows) -> np.ndarray:
+        """`rows` (an array, or a list of equal-shaped arrays) as one uint8/int32 array, written once:
+        straight into shared memory in a worker process."""
+        first = rows[0]
+        shape, dtype = (len(rows), *np.shape(first)), np.asarray(first).dtype
         if not self._shared:
-            return batch
-        return {key: _shared_copy(value) for key, value in batch.items()}
-
-
-def _shared_copy(array: np.ndarray):
-    shared = SharedMemoryArray(array.shape, array.dtype)
-    np.copyto(shared, array, casting="no")
-    return shared
+            return rows if isinstance(rows, np.ndarray) else np.stack(rows)
+        shared = SharedMemoryArray(shape, dtype)
+        if isinstance(rows, np.ndarray):
+            np.copyto(shared, rows, casting="no")
+        else:
+            np.stack(rows, out=shared)
+        return shared
 
 
 _PARENT_POLL_SECONDS = 1.0

@@ -41,9 +41,11 @@ class PreparedSplit(LabelledSplit):
         return {**self.__dict__, "_pixels": None}
 
     def read_images(self, indices: np.ndarray):
-        if self.pixels_path is None:
-            return super().read_images(indices)
-        return np.asarray(self._pixel_array()[np.asarray(indices)])  # a gather: one copy, no decoding
+        if self.pixels_path is not None:
+            return np.asarray(self._pixel_array()[np.asarray(indices)])  # a gather: one copy, no decoding
+        # One call for the batch's records: tfds' per-call work is paid once (98 against 173 us a
+        # record for AffectNet's crops, measured 2026-12-07 on a 2-core Xeon).
+        return [self._decoded(record["image"]) for record in self.source.__getitems__([int(i) for i in indices])]
 
     def _pixel_array(self) -> np.ndarray:
         if self._pixels is None:
@@ -53,7 +55,10 @@ class PreparedSplit(LabelledSplit):
     def image(self, index: int) -> np.ndarray:
         if self.pixels_path is not None:
             return np.array(self._pixel_array()[index])
-        image = self.source[index]["image"]
+        return self._decoded(self.source[index]["image"])
+
+    def _decoded(self, image) -> np.ndarray:
+        """A record's image: stored pixels as they are, stored bytes decoded."""
         if isinstance(image, np.ndarray) and image.dtype == np.uint8:
             return image
         data = bytes(image)

@@ -143,11 +143,17 @@ def pipeline_rate(records: int, size: int) -> None:
             for workers in (1, 0):
                 loader = pipeline.make_loader(split, batch_size=256, seed=0, epoch=0, train=False,
                                               image_size=size, worker_count=workers)
-                iterator = pipeline.read_through(loader)
-                next(iterator)
-                start = time.perf_counter()
-                images = sum(len(batch["label"]) for batch in iterator)
-                rates[source, workers] = images / (time.perf_counter() - start)
+                steps = pipeline.steps_in_epoch(split, 256, sampler="shuffle", train=False)
+                iterator = iter(loader)
+                try:
+                    next(iterator)
+                    start = time.perf_counter()
+                    # The pass's batches, counted: grain's end of stream takes its workers up to a
+                    # second to signal (training never reaches it); the loader closes after the clock.
+                    images = sum(len(next(iterator)["label"]) for _ in range(steps - 1))
+                    rates[source, workers] = images / (time.perf_counter() - start)
+                finally:
+                    pipeline.close_iterator(iterator)
     print(f"format {result.path.name}: {records} records, batch 256, {size} px; "
           f"{on_disk / records:,.0f} bytes per record")
     for (source, workers), rate in rates.items():

@@ -197,7 +197,8 @@ class _BatchSource:
     """The loader's data source: element k is the batch of sampler slot k, read whole and staged.
 
     Splits that can read many records at once (`LabelledSplit.read_images`: one gather from an
-    in-memory or memory-mapped pixel array) do; others are read record by record (`split[i]`).
+    in-memory or memory-mapped pixel array, one tfds call for prepared records) do; others are
+    read record by record (`split[i]`).
     Its repr is one grain can compare across processes.
     """
 
@@ -232,9 +233,10 @@ class _BatchSource:
 
 
 class _HandOver:
-    """grain's batching function for elements that are batches already: the one element as it is,
-    or, in a worker process (grain calls `enable_shared_memory_output`), copied into shared memory
-    so that the training process maps it rather than unpickling it."""
+    """grain's batching function for elements that are batches already: each of the element's
+    arrays (or lists of rows) as one array, in a worker process (grain calls
+    `enable_shared_memory_output`) written straight into shared memory, so that the training
+    process maps it rather than unpickling it."""
 
     def __init__(self):
         self._shared = False

@@ -92,8 +92,8 @@ BUGS = (
         "return -(-len(labels) // batch_size)", "return len(labels) // batch_size", DATA),
     # Augmentation, on the device.
     Bug("augment-noise-variance-20", "Gaussian noise of variance 20, not 30", "arm_jax/data/transforms.py",
-        "noise = jax.random.normal(noise_key, image.shape) * math.sqrt(variance)",
-        "noise = jax.random.normal(noise_key, image.shape) * math.sqrt(20.0)", AUGMENTATION),
+        "noise = jax.random.normal(noise_key, image.shape, image.dtype) * math.sqrt(variance)",
+        "noise = jax.random.normal(noise_key, image.shape, image.dtype) * math.sqrt(20.0)", AUGMENTATION),
     Bug("augment-p-0.6", "flip or noise applied with probability 0.6, not 0.5", "arm_jax/data/transforms.py",
         "augmented = jax.random.uniform(apply_key) < BASIC_AUG_P", "augmented = jax.random.uniform(apply_key) < 0.6",
         AUGMENTATION),

@@ -154,7 +154,7 @@ def comparisons(tmp_path_factory):
     # after one epoch) stops training where the per-epoch one has barely started. 72 px: the
     # cheapest size with a 3x3 representation (64 px and less give one value per image).
     command = [sys.executable, "scripts/compare_training.py", "--dataset", "fer2013",
-               "--data-dir", str(font_digits_csv(tmp_path / "digits")), "--seeds", "0", "1", "--epochs", "3",
+               "--data-dir", str(font_digits_csv(tmp_path / "digits")), "--seeds", "0", "1", "2", "--epochs", "3",
                "--image-size", "72", "--batch-size", "4", "--torch-threads", "1", "--out", str(out)]
     runs = []
     for extra in ([], ["--break-lr-schedule-per-batch"]):
@@ -171,7 +171,7 @@ def test_a_short_run_of_both_frameworks_writes_curves_and_says_together(comparis
     assert "verdict: together" in stdout
     for framework in ("arm-jax", "PyTorch"):
         seeds = record["runs"][framework]
-        assert len(seeds) == 2 and all(len(epochs) == 3 for epochs in seeds)
+        assert len(seeds) == 3 and all(len(epochs) == 3 for epochs in seeds)
         assert [e["lr"] for e in seeds[0]] == pytest.approx([1e-3, 9e-4, 8.1e-4])  # ExponentialLR once per epoch
         losses = np.array([[e["train_loss"] for e in epochs] for epochs in seeds])
         assert [p["mean"] for p in record["summary"][framework]["train_loss"]] == pytest.approx(losses.mean(0))

@@ -83,7 +83,7 @@ def flip_or_noise_one(image: jax.Array, key: jax.Array, *, variance: float = NOI
     flip = jax.random.bernoulli(which_key)
 
     def noised(image):
-        noise = jax.random.normal(noise_key, image.shape) * math.sqrt(variance)
+        noise = jax.random.normal(noise_key, image.shape, image.dtype) * math.sqrt(variance)
         return jnp.round(jnp.clip(image + noise, 0.0, 255.0))
 
     def flipped_or_not(image):

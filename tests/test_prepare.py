@@ -28,14 +28,21 @@ def rng():
     return np.random.default_rng(1)
 
 
-def assert_same(prepared, raw):
+def _equal_images(prepared: np.ndarray, raw: np.ndarray) -> None:
+    assert prepared.dtype == raw.dtype
+    np.testing.assert_array_equal(prepared, raw)
+
+
+def assert_same(prepared, raw, same_image=_equal_images):
+    """The prepared split has the raw reader's name, classes and labels, and each image passes
+    `same_image(prepared, raw)` (default: equal, dtype included)."""
     assert isinstance(prepared, PreparedSplit) and not isinstance(raw, PreparedSplit)
     assert prepared.class_names == raw.class_names and prepared.name == raw.name
     np.testing.assert_array_equal(prepared.labels, raw.labels)
     for i in range(len(raw)):
         a, b = prepared[i], raw[i]
-        assert a["label"] == b["label"] and a["image"].dtype == b["image"].dtype
-        np.testing.assert_array_equal(a["image"], b["image"])
+        assert a["label"] == b["label"]
+        same_image(a["image"], b["image"])
 
 
 def corrupt_middle(path: Path) -> None:
@@ -178,15 +185,14 @@ def test_image_folders_prepared_equal_raw_and_an_added_image_is_read_raw(tmp_pat
     _assert_every_split_round_trips(dataset, src, tfds_dir)
 
 
+def _crop_within_jpeg_error(prepared: np.ndarray, raw: np.ndarray) -> None:
+    assert prepared.shape == (CROP_SIDE, CROP_SIDE, 3)
+    assert fx.crop_error(prepared, raw) <= fx.PREPARED_CROP_MEAN_ERROR
+
+
 def assert_same_crops(prepared, raw):
     """AffectNet's CSV crops: the raw reader's labels, and its crops within JPEG's error."""
-    assert isinstance(prepared, PreparedSplit) and not isinstance(raw, PreparedSplit)
-    assert prepared.class_names == raw.class_names and prepared.name == raw.name
-    np.testing.assert_array_equal(prepared.labels, raw.labels)
-    for i in range(len(raw)):
-        a, b = prepared[i], raw[i]
-        assert a["label"] == b["label"] and a["image"].shape == (CROP_SIDE, CROP_SIDE, 3)
-        assert fx.crop_error(a["image"], b["image"]) <= fx.PREPARED_CROP_MEAN_ERROR
+    assert_same(prepared, raw, same_image=_crop_within_jpeg_error)
 
 
 def test_affectnet_csv_prepared_is_the_raw_crop_and_a_changed_list_is_read_raw(tmp_path, rng):

@@ -251,11 +251,10 @@ class _HandOver:
     def _stacked(self, rows) -> np.ndarray:
         """`rows` (an array, or a list of equal-shaped arrays) as one uint8/int32 array, written once:
         straight into shared memory in a worker process."""
-        first = rows[0]
-        shape, dtype = (len(rows), *np.shape(first)), np.asarray(first).dtype
         if not self._shared:
             return rows if isinstance(rows, np.ndarray) else np.stack(rows)
-        shared = SharedMemoryArray(shape, dtype)
+        first = np.asarray(rows[0])
+        shared = SharedMemoryArray((len(rows), *first.shape), first.dtype)
         if isinstance(rows, np.ndarray):
             np.copyto(shared, rows, casting="no")
         else:

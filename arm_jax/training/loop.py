@@ -219,7 +219,7 @@ def validate(run: Run, state, batches=None) -> dict:
     confusion = np.zeros((num_classes, num_classes), np.int64)
     loss_sum = 0.0
     for batch in _val_loader(run) if batches is None else batches:
-        out = run.evaluate(state, {k: batch[k] for k in ("image", "label")})
+        out = run.evaluate(state, batch)
         confusion += out["confusion"]
         loss_sum += float(out["loss_sum"])
     summary = metrics_lib.summarize(confusion, run.val_split.class_names)
